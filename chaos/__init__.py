@@ -1,0 +1,1 @@
+"""meshfed chaos: fault injectors and failover drills."""

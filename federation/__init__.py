@@ -1,0 +1,1 @@
+"""meshfed federation: mesh model, deployment config, store, agent, catalog stream, CLI."""

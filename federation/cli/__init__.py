@@ -1,0 +1,1 @@
+"""The meshfed command line (the application root: may import every part)."""

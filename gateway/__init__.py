@@ -1,0 +1,1 @@
+"""meshfed gateway: the per-cluster east-west gateway."""

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Debian's etcd-server included) and run them.
+# Safe to re-run; used verbatim by .ci/run. Set MESHFED_FULL=1 for the slow drills/benchmarks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+need_apt=()
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing ${need_apt[*]} from Debian"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # The Debian packages start system services we do not use; the tests run their own on free ports.
+  for svc in etcd; do $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true; done
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PY" -m venv .venv
+fi
+echo "== installing meshfed with its test extras"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== mypy"
+.venv/bin/mypy trust federation sidecar gateway chaos
+echo "== pytest"
+if [ "${MESHFED_FULL:-0}" = "1" ]; then
+  exec .venv/bin/python -m pytest -q
+else
+  exec .venv/bin/python -m pytest -q -m "not slow"
+fi

@@ -1,0 +1,1 @@
+"""meshfed sidecar: the per-workload trio proxy."""

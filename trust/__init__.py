@@ -1,0 +1,1 @@
+"""meshfed trust: SPIFFE IDs, per-cluster CAs, X.509-SVIDs, bundles, rotation, revocation."""
