@@ -1,6 +1,6 @@
 """The store contract shared by the etcd and embedded backends.
 
-Semantics (both backends, checked by ``tests/store/test_contract.py``):
+Semantics (both backends, checked by ``tests/store/test_store_contract.py``):
 
 * Every write bumps a store-wide ``revision``; each key carries
   ``create_revision``, ``mod_revision`` and ``version`` like etcd.
@@ -35,6 +35,10 @@ class StoreUnavailable(StoreError):
 
 class LeaseNotFound(StoreError):
     """The lease expired or was revoked; keys attached to it are gone."""
+
+
+class StoreClosed(StoreError):
+    """The store was closed by its owner (``aclose`` or leaving ``open_store``); a usage error."""
 
 
 class Compacted(StoreError):
