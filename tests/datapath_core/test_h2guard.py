@@ -20,7 +20,7 @@ from hyperframe.frame import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.h2guard import (
+from federation.h2guard import (
     ALLOW,
     CONNECTION_WINDOW,
     STREAM_WINDOW,
