@@ -33,7 +33,7 @@ import ssl
 import tempfile
 from collections.abc import Callable, Set
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -47,8 +47,10 @@ from trust.validate import TrustBundleSet, VerifiedPeer, verify_peer
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "TlsContextHolder",
+    "bootstrap_client_context",
     "client_context",
     "handshake_and_verify",
+    "handshake_and_verify_optional",
     "peer_chain_der",
     "server_context",
 ]
@@ -86,7 +88,7 @@ def _load_svid(ctx: ssl.SSLContext, svid: Svid) -> None:
             raise TlsConfigError(f"OpenSSL refused the SVID: {exc}") from None
 
 
-def _context(protocol: int, svid: Svid, bundles: TrustBundleSet) -> ssl.SSLContext:
+def _context(protocol: int, svid: Svid | None, bundles: TrustBundleSet) -> ssl.SSLContext:
     roots = bundles.all_roots()
     if not roots:
         raise TlsConfigError("no trusted roots: at least one trust bundle is needed")
@@ -98,13 +100,28 @@ def _context(protocol: int, svid: Svid, bundles: TrustBundleSet) -> ssl.SSLConte
     ctx.load_verify_locations(
         cadata="".join(r.public_bytes(serialization.Encoding.PEM).decode() for r in roots)
     )
-    _load_svid(ctx, svid)
+    if svid is not None:
+        _load_svid(ctx, svid)
     return ctx
 
 
-def server_context(svid: Svid, bundles: TrustBundleSet) -> ssl.SSLContext:
-    """A TLS 1.3 server context that requires a client certificate from any trusted domain."""
+def server_context(
+    svid: Svid,
+    bundles: TrustBundleSet,
+    *,
+    client_cert: Literal["required", "optional"] = "required",
+) -> ssl.SSLContext:
+    """A TLS 1.3 server context that asks for a client certificate from any trusted domain.
+
+    ``client_cert="optional"`` is for a server with an endpoint that admits anonymous
+    clients (the agent's bootstrap CSR path, authorised by a join token): a client
+    certificate that *is* sent is still verified by OpenSSL, but a client may send
+    none, so such a server must use :func:`handshake_and_verify_optional` and decide
+    per request what an anonymous peer may do.
+    """
     ctx = _context(ssl.PROTOCOL_TLS_SERVER, svid, bundles)
+    if client_cert == "optional":
+        ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.num_tickets = 0
     return ctx
 
@@ -114,6 +131,12 @@ def client_context(svid: Svid, bundles: TrustBundleSet) -> ssl.SSLContext:
     return _context(ssl.PROTOCOL_TLS_CLIENT, svid, bundles)
 
 
+def bootstrap_client_context(bundles: TrustBundleSet) -> ssl.SSLContext:
+    """A TLS 1.3 client context that presents no certificate (a workload without an SVID
+    yet, asking its agent for the first one); the server is still verified."""
+    return _context(ssl.PROTOCOL_TLS_CLIENT, None, bundles)
+
+
 def peer_chain_der(stream: trio.SSLStream[StreamT]) -> list[bytes]:
     """The certificates the peer sent, leaf first, as DER (see the module docstring)."""
     ssl_object = getattr(stream, "_ssl_object", None)
@@ -121,12 +144,15 @@ def peer_chain_der(stream: trio.SSLStream[StreamT]) -> list[bytes]:
     if getter is None:
         getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
     leaf = stream.getpeercert(binary_form=True)
+    if leaf is None:
+        # No certificate (a client of a CERT_OPTIONAL server); the unverified chain
+        # may then hold None entries, so do not read it.
+        return []
     chain: list[bytes] = []
     if getter is not None:
         for cert in getter() or ():
-            chain.append(cert if isinstance(cert, bytes) else cert.public_bytes(_DER))
-    if leaf is None:
-        return []
+            if cert is not None:
+                chain.append(cert if isinstance(cert, bytes) else cert.public_bytes(_DER))
     # OpenSSL leaves the leaf out of the server-side peer chain on some versions.
     if not chain or chain[0] != leaf:
         chain.insert(0, leaf)
@@ -171,6 +197,32 @@ async def handshake_and_verify(
     at the client certificate, so a client learns of its own refusal only on
     its first read.
     """
+    peer = await handshake_and_verify_optional(
+        stream,
+        bundles,
+        now_fn,
+        expected=expected,
+        revoked=revoked,
+        handshake_timeout=handshake_timeout,
+    )
+    if peer is None:
+        await trio.aclose_forcefully(stream)
+        raise HandshakeRefused("no_peer_certificate", "peer sent no certificate")
+    return peer
+
+
+async def handshake_and_verify_optional(
+    stream: trio.SSLStream[StreamT],
+    bundles: TrustBundleSet,
+    now_fn: Callable[[], dt.datetime],
+    *,
+    expected: Set[SpiffeId] | None = None,
+    revoked: RevocationSet | None = None,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> VerifiedPeer | None:
+    """As :func:`handshake_and_verify`, but a peer that sent no certificate gives None
+    (the stream stays open) instead of a refusal. A certificate that was sent is
+    validated exactly as there. For servers built with ``client_cert="optional"``."""
     try:
         with trio.fail_after(handshake_timeout):
             await stream.do_handshake()
@@ -185,8 +237,7 @@ async def handshake_and_verify(
         raise HandshakeRefused(reason, detail) from exc
     chain = peer_chain_der(stream)
     if not chain:
-        await trio.aclose_forcefully(stream)
-        raise HandshakeRefused("no_peer_certificate", "peer sent no certificate")
+        return None
     try:
         return verify_peer(chain, bundles, now_fn(), expected, revoked)
     except ValidationError as exc:

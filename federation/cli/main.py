@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from federation.cli import config_cmd
+from federation.cli import agent_cmd, config_cmd, federation_cmd, trust_cmd
 
 app = typer.Typer(
     name="meshfed",
@@ -21,6 +21,9 @@ app = typer.Typer(
 
 # Each area registers its sub-app here (one line each).
 app.add_typer(config_cmd.app, name="config", help="Validate and inspect deployment configs.")
+app.add_typer(trust_cmd.app, name="trust", help="Cluster CA, SVIDs, bundles, rotation, revocation.")
+app.add_typer(agent_cmd.app, name="agent", help="Run a cluster's federation agent.")
+app.add_typer(federation_cmd.app, name="federation", help="Inspect the federation in the store.")
 
 
 def main() -> None:
