@@ -1,0 +1,4 @@
+"""The per-cluster federation agent: publishes its cluster, imports the others.
+
+See docs/agent.md.
+"""
