@@ -1,0 +1,96 @@
+"""``meshfed agent run``: the federation agent of one cluster (docs/agent.md).
+
+Exit codes (docs/cli.md): 2 invalid input (config, cluster, CA directory, store
+URL), each one line saying what to do; 0 after SIGTERM/SIGINT (the lease is
+revoked so the cluster's leased keys vanish at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import trio
+import typer
+
+from federation.agent.runner import Agent, AgentOptions, AgentSetupError
+from federation.config.errors import ConfigError
+from federation.config.loader import load_config
+from federation.store.open import InvalidStoreURL
+
+EXIT_INVALID = 2
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _fail(message: str, code: int = EXIT_INVALID) -> None:
+    typer.echo(f"meshfed agent: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", help="Deployment config (YAML).")],
+    cluster: Annotated[str, typer.Option("--cluster", help="This agent's cluster.")],
+    store: Annotated[str, typer.Option("--store", help="etcd://host:port or memory://")],
+    ca_dir: Annotated[Path, typer.Option("--ca-dir", help="The cluster CA (meshfed trust init).")],
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="Where catalog.json is persisted.")
+    ],
+    takeover: Annotated[
+        bool,
+        typer.Option("--takeover", help="Take over from a live agent of another epoch."),
+    ] = False,
+    admin_port: Annotated[
+        int | None, typer.Option("--admin-port", help="Override clusters[].agent.admin_port.")
+    ] = None,
+    admin_host: Annotated[
+        str | None, typer.Option("--admin-host", help="Override clusters[].agent.address.")
+    ] = None,
+    lease_ttl: Annotated[
+        float | None, typer.Option("--lease-ttl", help="Override settings.lease_ttl (seconds).")
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+) -> None:
+    """Register the cluster, publish its services, import the others, serve /ready /status."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
+        '"cluster":"' + cluster + '","msg":"%(message)s"}',
+    )
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        _fail(f"{exc.issues[0]} (run `meshfed config validate {config}`)")
+    except OSError as exc:
+        _fail(f"{config}: {exc.strerror}")
+    options = AgentOptions(
+        takeover=takeover, admin_host=admin_host, admin_port=admin_port, lease_ttl=lease_ttl
+    )
+
+    try:
+        # Everything that can be refused is checked before trio starts: one clear line.
+        agent = Agent(cfg, cluster, store, ca_dir, state_dir, options)
+    except (AgentSetupError, InvalidStoreURL) as exc:
+        _fail(str(exc))
+    bind_error: list[OSError] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(agent.run)
+            except OSError as exc:
+                bind_error.append(exc)
+                return
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    if bind_error:
+        err = bind_error[0]
+        port = admin_port if admin_port is not None else agent.cluster.agent.admin_port
+        _fail(f"cannot listen on the admin port {port}: {err.strerror or err} (use --admin-port)")
