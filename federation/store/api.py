@@ -191,9 +191,7 @@ class Store(Protocol):
         """Discard history before ``revision``; watchers behind it get a new Reset."""
         ...
 
-    def watch_prefix(
-        self, prefix: str
-    ) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
+    def watch_prefix(self, prefix: str) -> AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
         """``async with store.watch_prefix(p) as events: async for ev in events: ...``
 
         Leaving the ``async with`` (or cancelling) stops the watch and frees its resources.

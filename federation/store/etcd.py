@@ -67,6 +67,12 @@ class EtcdConfig:
     """Worker threads that may be blocked in unary calls at once."""
     watch_buffer: int = 64
     """Watch responses buffered between a stream's gRPC thread and trio (back-pressure beyond)."""
+    page_size: int = 2000
+    """Keys per Range call in prefix reads; pages are pinned to one revision, so a
+    large federation (100k endpoints, ~40 MB) is listed in bounded replies."""
+    max_response_bytes: int = 64 * 1024 * 1024
+    """gRPC receive limit per reply (gRPC's own default, 4 MiB, is too small for a
+    page of large records or a watch response batching many events)."""
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -181,6 +187,7 @@ class EtcdStore:
                 # pings more often than --grpc-keepalive-min-time (5 s default).
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.max_receive_message_length", config.max_response_bytes),
             ],
         )
         self._kv_stub = self._rpc.KVStub(self._channel)
@@ -251,15 +258,38 @@ class EtcdStore:
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def get_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
+        # A compaction between two pages makes the pinned revision unreadable;
+        # start over at a fresh revision (bounded: compactions are rare).
+        for _ in range(2):
+            try:
+                return await self._get_prefix_once(prefix)
+            except Compacted:
+                continue
+        return await self._get_prefix_once(prefix)
+
+    async def _get_prefix_once(self, prefix: str) -> tuple[int, list[KeyValue]]:
         raw = _enc(prefix)
-        req = self._rpc.RangeRequest(
-            key=raw,
-            range_end=_prefix_range_end(raw),
-            sort_order=self._rpc.RangeRequest.ASCEND,
-            sort_target=self._rpc.RangeRequest.KEY,
-        )
-        resp = await self._call(lambda: self._kv_stub.Range(req, self.config.call_timeout))
-        return resp.header.revision, [_kv(kv) for kv in resp.kvs]
+        end = _prefix_range_end(raw)
+        out: list[KeyValue] = []
+        revision = 0  # the first page fixes the revision every later page reads at
+        start = raw
+        while True:
+            req = self._rpc.RangeRequest(
+                key=start,
+                range_end=end,
+                limit=self.config.page_size,
+                revision=revision,
+                sort_order=self._rpc.RangeRequest.ASCEND,
+                sort_target=self._rpc.RangeRequest.KEY,
+            )
+            resp = await self._call(lambda: self._kv_stub.Range(req, self.config.call_timeout))
+            if revision == 0:
+                revision = int(resp.header.revision)
+            out.extend(_kv(kv) for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                return revision, out
+            # The next key after the last one returned: keys sort bytewise.
+            start = bytes(resp.kvs[-1].key) + b"\0"
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         req = self._rpc.PutRequest(key=_enc(key), value=value, lease=lease)

@@ -171,3 +171,17 @@ async def test_out_of_band_compaction_mid_watch_loses_nothing(etcd_server: EtcdS
                 await view.wait_for(await _truth(store, "/c/"))
             nursery.cancel_scope.cancel()
         assert view.duplicate_puts() == []
+
+
+async def test_large_prefix_reads_are_paged_at_one_revision(etcd_server: EtcdServer) -> None:
+    # A page size far below the key count forces many Range calls; the result must
+    # still be every key, in order, read at the revision of the first page.
+    config = EtcdConfig(endpoints=(etcd_server.endpoint,), page_size=7)
+    async with open_etcd_store(config) as store:
+        for i in range(50):
+            await store.put(f"/p/k{i:03d}", b"v%d" % i)
+        await store.put("/q/outside", b"x")
+        revision, items = await store.get_prefix("/p/")
+        assert [kv.key for kv in items] == [f"/p/k{i:03d}" for i in range(50)]
+        assert [kv.value for kv in items] == [b"v%d" % i for i in range(50)]
+        assert revision == await store.current_revision()
