@@ -19,6 +19,7 @@ and never a used one.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import hmac
 import json
@@ -26,6 +27,8 @@ import os
 import random
 import re
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -213,11 +216,26 @@ class JoinTokenFile:
     Every change is on disk before the method returns; if the write fails the
     change is undone in memory and the error raised, so a token is never reported
     redeemed unless a restart would also see it redeemed.
+
+    The file is shared by the running agent (which redeems) and ``meshfed agent
+    token create`` (which issues): every change re-reads the file under an
+    exclusive ``flock`` before writing, so neither side overwrites the other's
+    tokens or burns.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.book = self._load()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.book = self._load()
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def _load(self) -> JoinTokenBook:
         try:
@@ -267,20 +285,23 @@ class JoinTokenFile:
         self, spiffe_id: SpiffeId, ttl: float, now: float, rng: random.Random | None = None
     ) -> str:
         """Issue and persist; see :meth:`JoinTokenBook.issue`."""
-        book = JoinTokenBook(self.book.entries())
-        book.prune(now)
-        token = book.issue(spiffe_id, ttl, now, rng)
-        self._commit(book)
+        with self._locked():
+            book = JoinTokenBook(self.book.entries())
+            book.prune(now)
+            token = book.issue(spiffe_id, ttl, now, rng)
+            self._commit(book)
         return token
 
     def check(self, token: str, now: float) -> SpiffeId:
-        """See :meth:`JoinTokenBook.check` (nothing is written)."""
+        """See :meth:`JoinTokenBook.check` (nothing is written; re-reads the file)."""
+        self.book = self._load()
         return self.book.check(token, now)
 
     def redeem(self, token: str, now: float) -> SpiffeId:
         """Redeem and persist the burn before returning; see :meth:`JoinTokenBook.redeem`."""
-        book = JoinTokenBook(self.book.entries())
-        sid = book.redeem(token, now)
-        book.prune(now)
-        self._commit(book)
+        with self._locked():
+            book = JoinTokenBook(self.book.entries())
+            sid = book.redeem(token, now)
+            book.prune(now)
+            self._commit(book)
         return sid

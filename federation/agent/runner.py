@@ -17,12 +17,15 @@ The catalog-stream server (``stream_server.py``) gets ``agent.source``,
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +41,19 @@ from federation.agent.records import static_records
 from federation.agent.registrar import EndpointRegistry
 from federation.agent.registration import Phase, Registration
 from federation.agent.signer import CaSigner
+from federation.agent.stream_server import CatalogStreamServer, serve_catalog_stream
 from federation.config.model import FederationConfig
+from federation.jointoken import JoinTokenFile
 from federation.store.api import Store, StoreUnavailable
 from federation.store.etcd import EtcdConfig
 from federation.store.open import open_store, parse_store_url
 from trust.bundle import BundleKeeper
 from trust.errors import CaKeyError, TrustError
-from trust.rotation import CaDirectory
+from trust.rotation import CaDirectory, SvidRotator
+from trust.spiffe import agent_id
+from trust.svid import Svid
+from trust.tls import TlsContextHolder
+from trust.validate import TrustBundleSet
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +78,25 @@ class AgentOptions:
     """Cap of the backoff between attempts to open the store."""
     serve_admin: bool = True
     """Run the admin HTTP server (off in MockClock tests: no real sockets there)."""
+    catalog_host: str | None = None
+    """Bind the catalog stream here instead of ``clusters[].agent.address``."""
+    catalog_port: int | None = None
+    """... and on this port (0: any) instead of ``clusters[].agent.catalog_port``."""
+    serve_catalog: bool = True
+    """Serve the catalog stream (HTTP/2 + mTLS) to local sidecars and the gateway."""
     wall: Callable[[], float] = time.time
     """Wall clock for ``written_at``, ``last_seen`` and sync lag."""
     file_io: Callable[[Callable[[], None]], Awaitable[None]] | None = None
     """Runs blocking disk writes (default: a trio worker thread)."""
+
+
+JOIN_TOKEN_FILE = "join-tokens.json"  # noqa: S105 (a file name, not a secret)
+
+
+def _stats_dict(stats: object) -> dict[str, Any]:
+    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
+        return {k: v for k, v in dataclasses.asdict(stats).items() if isinstance(v, int | float)}
+    return {}
 
 
 def new_incarnation() -> str:
@@ -145,7 +169,23 @@ class Agent:
             wall=opts.wall,
         )
         self.signer = CaSigner(self.ca_dir, ttl=dt.timedelta(seconds=settings.svid_ttl))
+        self.svid_ttl = dt.timedelta(seconds=settings.svid_ttl)
+        # The agent's own identity for the catalog stream; it holds the CA, so it
+        # issues (and renews) its SVID locally. Subscribers must be of this domain.
+        self.agent_id = agent_id(self.ca_dir.trust_domain)
+        self.tls = TlsContextHolder(
+            self._issue_own_svid(), TrustBundleSet.from_bundles([self.bundle])
+        )
+        self.join_tokens = JoinTokenFile(state_dir / JOIN_TOKEN_FILE)
         self.admin_port = 0
+        self.catalog_port = 0
+        self.stream: CatalogStreamServer | None = None
+
+    def _issue_own_svid(self) -> Svid:
+        return self.ca_dir.issue(self.agent_id, dt.datetime.now(dt.UTC), self.svid_ttl)
+
+    async def _renew_own_svid(self) -> Svid:
+        return self._issue_own_svid()
 
     # -- AdminView --
 
@@ -189,6 +229,11 @@ class Agent:
                 for c, t in sorted(catalog.last_seen.items())
                 if c != self.cluster.name
             },
+            "catalog_stream": (
+                {"port": self.catalog_port, **_stats_dict(self.stream.statistics())}
+                if self.stream is not None
+                else None
+            ),
             "published_keys": len(self.publisher.written_keys()),
             "registered_endpoints": len(self.registrar.records()),
             "bundle": {
@@ -232,6 +277,28 @@ class Agent:
         async with trio.open_nursery() as nursery:
             if self.options.serve_admin:
                 self.admin_port = await nursery.start(serve_admin, self, host, port)
+            if self.options.serve_catalog:
+                c_host = self.options.catalog_host or self.cluster.agent.address
+                c_port = (
+                    self.options.catalog_port
+                    if self.options.catalog_port is not None
+                    else self.cluster.agent.catalog_port
+                )
+                self.stream = await nursery.start(
+                    partial(
+                        serve_catalog_stream,
+                        self.source,
+                        self.registrar,
+                        self.signer,
+                        self.tls,
+                        c_host,
+                        c_port,
+                        join_tokens=self.join_tokens,
+                    )
+                )
+                self.catalog_port = self.stream.port or 0
+                rotator = SvidRotator(self.tls, self._renew_own_svid, rng=random.Random())
+                nursery.start_soon(rotator.run)
             nursery.start_soon(self.source.housekeeping)
             nursery.start_soon(self._sync_gate)
             task_status.started(self)

@@ -15,7 +15,7 @@ from typing import Annotated
 import trio
 import typer
 
-from federation.agent.runner import Agent, AgentOptions, AgentSetupError
+from federation.agent.runner import JOIN_TOKEN_FILE, Agent, AgentOptions, AgentSetupError
 from federation.config.errors import ConfigError
 from federation.config.loader import load_config
 from federation.store.open import InvalidStoreURL
@@ -52,6 +52,13 @@ def run(
     lease_ttl: Annotated[
         float | None, typer.Option("--lease-ttl", help="Override settings.lease_ttl (seconds).")
     ] = None,
+    catalog_port: Annotated[
+        int | None,
+        typer.Option("--catalog-port", help="Override clusters[].agent.catalog_port (0: any)."),
+    ] = None,
+    catalog_host: Annotated[
+        str | None, typer.Option("--catalog-host", help="Override clusters[].agent.address.")
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Register the cluster, publish its services, import the others, serve /ready /status."""
@@ -67,7 +74,12 @@ def run(
     except OSError as exc:
         _fail(f"{config}: {exc.strerror}")
     options = AgentOptions(
-        takeover=takeover, admin_host=admin_host, admin_port=admin_port, lease_ttl=lease_ttl
+        takeover=takeover,
+        admin_host=admin_host,
+        admin_port=admin_port,
+        lease_ttl=lease_ttl,
+        catalog_host=catalog_host,
+        catalog_port=catalog_port,
     )
 
     try:
@@ -92,5 +104,38 @@ def run(
     trio.run(main)
     if bind_error:
         err = bind_error[0]
-        port = admin_port if admin_port is not None else agent.cluster.agent.admin_port
-        _fail(f"cannot listen on the admin port {port}: {err.strerror or err} (use --admin-port)")
+        spec = agent.cluster.agent
+        admin = admin_port if admin_port is not None else spec.admin_port
+        stream = catalog_port if catalog_port is not None else spec.catalog_port
+        _fail(
+            f"cannot listen on the admin port {admin} or the catalog port {stream}: "
+            f"{err.strerror or err} (use --admin-port / --catalog-port)"
+        )
+
+
+@app.command("token")
+def token(
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="The agent's --state-dir (holds the token file).")
+    ],
+    spiffe_id: Annotated[str, typer.Option("--spiffe-id", help="Identity the token may claim.")],
+    ttl: Annotated[str, typer.Option("--ttl", help="How long the token is valid.")] = "10m",
+) -> None:
+    """Issue a one-time join token for a workload's first SVID (printed on stdout).
+
+    The running agent reads the same file, so the token works at once; it is
+    burned on first use and stored only as a hash.
+    """
+    import time
+
+    from federation.config.durations import parse_duration
+    from federation.jointoken import JoinTokenError, JoinTokenFile, JoinTokenFileError
+    from trust.spiffe import InvalidSpiffeId, SpiffeId
+
+    try:
+        sid = SpiffeId.parse(spiffe_id)
+        seconds = parse_duration(ttl)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        typer.echo(JoinTokenFile(state_dir / JOIN_TOKEN_FILE).issue(sid, seconds, time.time()))
+    except (InvalidSpiffeId, ValueError, JoinTokenError, JoinTokenFileError) as exc:
+        _fail(str(exc))

@@ -25,6 +25,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -282,7 +283,7 @@ class EtcdStore:
                 sort_order=self._rpc.RangeRequest.ASCEND,
                 sort_target=self._rpc.RangeRequest.KEY,
             )
-            resp = await self._call(lambda: self._kv_stub.Range(req, self.config.call_timeout))
+            resp = await self._call(partial(self._kv_stub.Range, req, self.config.call_timeout))
             if revision == 0:
                 revision = int(resp.header.revision)
             out.extend(_kv(kv) for kv in resp.kvs)

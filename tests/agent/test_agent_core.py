@@ -45,6 +45,7 @@ def new_agent(tmp_path, config, cluster, *, takeover=False, name=None):
     opts = AgentOptions(
         takeover=takeover,
         serve_admin=False,
+        serve_catalog=False,
         lease_ttl=TTL,
         wall=trio.current_time,
         file_io=inline_io,

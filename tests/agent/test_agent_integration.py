@@ -66,6 +66,10 @@ class AgentProcess:
             str(self.port),
             "--lease-ttl",
             str(TTL),
+            "--catalog-host",
+            "127.0.0.1",
+            "--catalog-port",
+            "0",
         ]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -305,7 +309,7 @@ async def test_two_agents_race_for_one_cluster_on_real_etcd(tmp_path, etcd_serve
 
     config = demo_config()
     ca = make_ca(tmp_path, "aws-use1", config)
-    opts = AgentOptions(serve_admin=False, lease_ttl=TTL)
+    opts = AgentOptions(serve_admin=False, serve_catalog=False, lease_ttl=TTL)
     a = Agent(config, "aws-use1", etcd_server.url, ca, tmp_path / "a", opts)
     b = Agent(config, "aws-use1", etcd_server.url, ca, tmp_path / "b", opts)
     async with trio.open_nursery() as n:

@@ -71,3 +71,20 @@ def test_a_loose_or_corrupt_file_is_refused_with_the_fix(tmp_path):
     path.write_text('{"schema": 1, "tokens": {"zz": {}}}')
     with pytest.raises(JoinTokenFileError, match="corrupt"):
         JoinTokenFile(path)
+
+
+def test_agent_and_cli_sharing_the_file_never_lose_each_others_changes(tmp_path):
+    # The running agent holds one JoinTokenFile, `meshfed agent token create` another.
+    path = tmp_path / "tokens.json"
+    agent = JoinTokenFile(path)
+    first = agent.issue(WORKLOAD_A, ttl=600, now=0.0)
+    cli = JoinTokenFile(path)
+    second = cli.issue(WORKLOAD_B, ttl=600, now=1.0)  # issued after the agent loaded
+    assert agent.redeem(second, now=2.0) == WORKLOAD_B  # the agent sees the CLI's token
+    third = cli.issue(WORKLOAD_A, ttl=600, now=3.0)  # the CLI must not undo the burn
+    restarted = JoinTokenFile(path)
+    with pytest.raises(JoinTokenError) as info:
+        restarted.redeem(second, now=4.0)
+    assert info.value.reason == "used"
+    assert restarted.redeem(first, now=4.0) == WORKLOAD_A
+    assert restarted.redeem(third, now=4.0) == WORKLOAD_A
