@@ -7,7 +7,6 @@ revoked so the cluster's leased keys vanish at once).
 
 from __future__ import annotations
 
-import logging
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +14,7 @@ from typing import Annotated
 import trio
 import typer
 
+from federation import logs
 from federation.agent.runner import JOIN_TOKEN_FILE, Agent, AgentOptions, AgentSetupError
 from federation.config.errors import ConfigError
 from federation.config.loader import load_config
@@ -62,11 +62,10 @@ def run(
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Register the cluster, publish its services, import the others, serve /ready /status."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-        '"cluster":"' + cluster + '","msg":"%(message)s"}',
-    )
+    try:
+        logs.configure(log_level, component="agent", cluster=cluster)
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         cfg = load_config(config)
     except ConfigError as exc:

@@ -26,7 +26,11 @@ def test_builders_refuse_segments_that_escape(bad: str) -> None:
         (keys.cluster("aws-use1"), "clusters", ("aws-use1",)),
         (keys.gateway("aws-use1", "gw-0"), "gateways", ("aws-use1", "gw-0")),
         (keys.export("gcp", "shop", "payments"), "exports", ("gcp", "shop", "payments")),
-        (keys.endpoint("gcp", "shop", "payments", "p-1"), "endpoints", ("gcp", "shop", "payments", "p-1")),
+        (
+            keys.endpoint("gcp", "shop", "payments", "p-1"),
+            "endpoints",
+            ("gcp", "shop", "payments", "p-1"),
+        ),
         (keys.bundle("aws-use1.acme.mesh"), "bundles", ("aws-use1.acme.mesh",)),
         (keys.revocation("a.mesh", "0x1f"), "revocations", ("a.mesh", "0x1f")),
         (keys.policy("allow-web"), "policies", ("allow-web",)),
