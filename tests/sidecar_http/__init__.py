@@ -1,0 +1,1 @@
+"""Tests of the sidecar's HTTP layer cores (sidecar/http/)."""
