@@ -384,8 +384,9 @@ class Fault:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """An HTTP route; the first route whose match holds wins, unmatched requests go to all
-    endpoints."""
+    """An HTTP route; of the routes whose match holds, the most specific wins (exact path,
+    then longer prefix, then method, then more headers, then config order: docs/http.md);
+    unmatched requests go to all endpoints."""
 
     name: Name
     """Route name, unique in the service."""
