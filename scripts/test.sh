@@ -8,12 +8,15 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+# an unmodified TCP client and server for the sidecar's "any TCP protocol" test
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]} from Debian"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   # The Debian packages start system services we do not use; the tests run their own on free ports.
-  for svc in etcd; do $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true; done
+  for svc in etcd redis-server; do $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true; done
 fi
 
 PY=${PYTHON:-python3}

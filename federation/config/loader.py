@@ -48,17 +48,32 @@ def default_trust_domain(cluster: str, federation: str) -> str:
 
 def load_config(path: str | os.PathLike[str]) -> FederationConfig:
     """Read and parse the config at ``path``; raise ConfigError listing every problem."""
+    text, name = read_document(path)
+    return parse_config(text, name)
+
+
+def read_document(path: str | os.PathLike[str], *, what: str = "meshfed config") -> tuple[str, str]:
+    """Read a YAML file for a strict loader: ``(text, name)``, or ConfigError if it cannot be
+    read, is over 4 MiB or is not UTF-8. Shared with other strict formats (chaos drills)."""
     name = os.fspath(path)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(
-            [ConfigIssue(name, 0, "", f"cannot read the file: {exc.strerror or exc}",
-                         "check the path and its permissions")]
+            [
+                ConfigIssue(
+                    name,
+                    0,
+                    "",
+                    f"cannot read the file: {exc.strerror or exc}",
+                    "check the path and its permissions",
+                )
+            ]
         ) from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError([ConfigIssue(name, 0, "", "file is larger than 4 MiB",
-                                       "is this really a meshfed config?")])
+        raise ConfigError(
+            [ConfigIssue(name, 0, "", "file is larger than 4 MiB", f"is this really a {what}?")]
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -66,14 +81,24 @@ def load_config(path: str | os.PathLike[str]) -> FederationConfig:
         raise ConfigError(
             [ConfigIssue(name, line, "", "file is not valid UTF-8", "save it as UTF-8")]
         ) from None
-    return parse_config(text, name)
+    return text, name
 
 
-def parse_config(text: str, filename: str = "<string>") -> FederationConfig:
-    """Parse config ``text``; ``filename`` is only used in messages. Raise ConfigError."""
+def compose_document(
+    text: str,
+    filename: str,
+    *,
+    noun: str = "config",
+    holds: str = "one federation",
+    docs: str = "docs/config.md",
+) -> yaml.Node:
+    """Compose ``text`` (exactly one non-empty YAML document) into nodes; raise ConfigError.
+
+    Compose only: nodes keep their marks (lines), and nothing is constructed until the
+    decoder has checked keys (including duplicates, which PyYAML would silently merge).
+    The keyword arguments only word the messages, so other strict formats can reuse it.
+    """
     try:
-        # Compose only: nodes keep their marks (lines), and nothing is constructed until the
-        # decoder has checked keys (including duplicates, which PyYAML would silently merge).
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -82,22 +107,35 @@ def parse_config(text: str, filename: str = "<string>") -> FederationConfig:
         hint = exc.context or "fix the YAML syntax"
         if "single document" in f"{problem} {exc.context}":
             problem = "more than one YAML document"
-            hint = "one file holds one federation; remove the extra '---' documents"
+            hint = f"one file holds {holds}; remove the extra '---' documents"
         raise ConfigError(
             [ConfigIssue(filename, line, "", f"malformed YAML: {problem}", hint)]
         ) from None
     except yaml.reader.ReaderError as exc:
         line = text[: exc.position].count("\n") + 1
         raise ConfigError(
-            [ConfigIssue(filename, line, "", f"unreadable character {exc.character!r}",
-                         "remove control characters from the file")]
+            [
+                ConfigIssue(
+                    filename,
+                    line,
+                    "",
+                    f"unreadable character {exc.character!r}",
+                    "remove control characters from the file",
+                )
+            ]
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue(filename, 0, "", f"malformed YAML: {exc}")]) from None
     if root is None:
         raise ConfigError(
-            [ConfigIssue(filename, 1, "", "empty config", "see docs/config.md for the format")]
+            [ConfigIssue(filename, 1, "", f"empty {noun}", f"see {docs} for the format")]
         )
+    return root
+
+
+def parse_config(text: str, filename: str = "<string>") -> FederationConfig:
+    """Parse config ``text``; ``filename`` is only used in messages. Raise ConfigError."""
+    root = compose_document(text, filename)
     decoder = Decoder(filename, partial=PARTIAL_LISTS, lenient=LENIENT)
     decoded = decoder.decode(root, FederationConfig, "")
     issues = list(decoder.issues)

@@ -1,0 +1,613 @@
+"""The sidecar process: wiring config, catalog, identity and listeners together.
+
+:class:`Sidecar` owns one workload instance's outbound pools, inbound server,
+revocation enforcer and admin view. It follows a catalog source (the agent's
+:class:`~federation.catalog_client.CatalogClient`, or a :class:`StaticCatalog`)
+and applies every new catalog live:
+
+* trust bundles go through a :class:`~trust.bundle.BundleKeeper` (rollback and
+  foreign-root refusals) and, when they change, into the
+  :class:`~trust.tls.TlsContextHolder` in place: new handshakes use them, live
+  connections keep theirs;
+* revocations are installed in the :class:`~trust.enforcement.RevocationEnforcer`,
+  which cancels the scope of every live connection (either direction) whose peer
+  is now revoked;
+* routes are rebuilt per upstream (:func:`sidecar.routing.build_routes`) and the
+  balancers reset, live connections untouched;
+* inbound admission gets the new cluster -> trust domain map.
+
+Shutdown (:meth:`Sidecar.stop`, wired to SIGTERM by the CLI): listeners close
+first, ``/ready`` turns 503, live relays get until ``drain_deadline`` to finish
+(:meth:`RelayStats.drain`), the rest are closed, and :meth:`Sidecar.run` returns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from federation.catalog import Catalog
+from federation.config.model import FederationConfig, Service, Workload
+from federation.config.scalars import ServiceRef
+from federation.model import EndpointRecord, Locality, RecordError
+from sidecar.admin import serve_admin
+from sidecar.authz import InboundPolicy, ServedPort
+from sidecar.health import HealthCheckConfig
+from sidecar.inbound import InboundServer, InboundSettings, serve_inbound
+from sidecar.metrics import SidecarMetrics, log_event
+from sidecar.outbound import PoolSettings, UpstreamPool, serve_outbound
+from sidecar.outlier import OutlierConfig
+from sidecar.ratelimit import RateLimitConfig, RateLimiter
+from sidecar.relay import RelayStats
+from sidecar.routing import balancer_config_for, build_routes
+from trust.bundle import BundleKeeper, Refused
+from trust.enforcement import RevocationEnforcer
+from trust.errors import RevocationError, TlsConfigError
+from trust.revocation import Revocation, RevocationSet
+from trust.spiffe import TrustDomain, workload_id
+from trust.tls import DEFAULT_HANDSHAKE_TIMEOUT, TlsContextHolder
+from trust.validate import TrustBundleSet, VerifiedPeer
+
+__all__ = ["CatalogSource", "Sidecar", "SidecarOptions", "StaticCatalog", "health_config_from"]
+
+log = logging.getLogger(__name__)
+
+
+class CatalogSource(Protocol):
+    """What the sidecar needs from a catalog provider (CatalogClient has this shape)."""
+
+    @property
+    def catalog(self) -> Catalog | None: ...
+
+    async def wait_for(self, predicate: Callable[[Catalog], bool]) -> Catalog: ...
+
+
+class StaticCatalog:
+    """A catalog from a file or from code; :meth:`set` swaps it (tests, drills)."""
+
+    def __init__(self, catalog: Catalog | None = None) -> None:
+        self._catalog = catalog
+        self._changed = trio.Event()
+
+    @classmethod
+    def from_file(cls, path: Path) -> StaticCatalog:
+        """Load ``Catalog.to_json`` output; raises RecordError naming what is wrong."""
+        return cls(Catalog.from_json(path.read_bytes()))
+
+    @property
+    def catalog(self) -> Catalog | None:
+        return self._catalog
+
+    def set(self, catalog: Catalog) -> None:
+        """Replace the catalog; waiters see it at once."""
+        self._catalog = catalog
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, predicate: Callable[[Catalog], bool]) -> Catalog:
+        while True:
+            if self._catalog is not None and predicate(self._catalog):
+                return self._catalog
+            await self._changed.wait()
+
+    async def follow_file(self, path: Path, interval: float = 1.0) -> None:
+        """Reload ``path`` whenever its mtime changes (a bad file is logged and skipped)."""
+        apath = trio.Path(path)
+        last = (await apath.stat()).st_mtime_ns
+        while True:
+            await trio.sleep(interval)
+            try:
+                mtime = (await apath.stat()).st_mtime_ns
+                if mtime == last:
+                    continue
+                last = mtime
+                self.set(Catalog.from_json(await apath.read_bytes()))
+            except (OSError, RecordError, ValueError) as exc:
+                log_event("catalog_file_refused", path=str(path), detail=str(exc))
+
+
+def health_config_from(cfg: FederationConfig) -> HealthCheckConfig:
+    """Active endpoint checks use the federation's probe settings (the config has one
+    probe section, ``settings.gateway_probe``; the same period, timeout, threshold and
+    jitter suit sidecar endpoints)."""
+    p = cfg.federation.settings.gateway_probe
+    return HealthCheckConfig(
+        interval=p.interval,
+        timeout=p.timeout,
+        jitter=p.jitter_percent / 100.0,
+        unhealthy_threshold=p.failure_threshold,
+        healthy_threshold=1,
+    )
+
+
+def outlier_config_from(service: Service) -> OutlierConfig | None:
+    od = service.traffic_policy.outlier_detection
+    if not od.enabled:
+        return None
+    return OutlierConfig(
+        consecutive_connect_failures=od.consecutive_failures,
+        consecutive_5xx=od.consecutive_failures,
+        base_ejection_time=od.base_ejection_time,
+        max_ejection_time=max(od.base_ejection_time, 300.0),
+        max_ejection_percent=od.max_ejection_percent,
+        decay_interval=od.interval,
+    )
+
+
+@dataclass(frozen=True)
+class SidecarOptions:
+    """Process-level settings that the deployment config does not carry."""
+
+    replica: int = 0
+    """Instance index; on a loopback address it offsets every port (docs/config.md)."""
+    drain_deadline: float = 10.0
+    """Seconds live connections get to finish after SIGTERM."""
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    """Inbound handshake limit."""
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    """Per-caller inbound connection rate."""
+    health: HealthCheckConfig | None = None
+    """Active checks; None means from the config's probe settings."""
+    admin_host: str = "127.0.0.1"
+    """Where the admin endpoint listens."""
+
+
+def _offset(host: str, port: int, replica: int) -> int:
+    loopback = host.startswith("127.") or host in ("::1", "localhost")
+    return port + replica if loopback else port
+
+
+class Sidecar:
+    """One workload instance's proxy."""
+
+    def __init__(
+        self,
+        cfg: FederationConfig,
+        workload: str,
+        holder: TlsContextHolder,
+        source: CatalogSource,
+        *,
+        options: SidecarOptions | None = None,
+        metrics: SidecarMetrics | None = None,
+        rng: random.Random | None = None,
+        now_fn: Callable[[], dt.datetime] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.options = options if options is not None else SidecarOptions()
+        self.workload = self._find(cfg, workload)
+        self.cluster = cfg.cluster(self.workload.cluster)
+        self.holder = holder
+        self.source = source
+        self.metrics = metrics if metrics is not None else SidecarMetrics()
+        self._rng = rng if rng is not None else random.Random()
+        now_kw: dict[str, Any] = {"now_fn": now_fn} if now_fn is not None else {}
+        self.enforcer = RevocationEnforcer(on_close=self._on_revoked_close)
+        self.keeper = BundleKeeper(on_refusal=self._on_bundle_refused)
+        self.caller = Locality(
+            cloud=self.cluster.cloud,
+            region=self.cluster.region,
+            zone=self.workload.zone,
+            cluster=self.cluster.name,
+        )
+        replica = self.options.replica
+        w = self.workload
+        self.inbound_host = w.address
+        self.inbound_port = _offset(w.address, w.inbound_port, replica)
+        self.admin_port = (
+            _offset(w.address, w.admin_port, replica) if w.admin_port is not None else None
+        )
+        served = []
+        idle = 3600.0
+        max_in = 0
+        for s in w.serves:
+            svc = cfg.service(ServiceRef(s.service, w.namespace))
+            sp = svc.port(s.port)
+            assert sp is not None  # the config checks guarantee it
+            served.append(
+                ServedPort(
+                    w.namespace,
+                    s.service,
+                    sp.port,
+                    s.app.host,
+                    _offset(s.app.host, s.app.port, replica),
+                )
+            )
+            idle = min(idle, svc.traffic_policy.timeouts.idle)
+            max_in = max(max_in, svc.traffic_policy.circuit_breaking.max_connections)
+        self.served = tuple(served)
+        self.inbound = InboundServer(
+            InboundSettings(
+                local_cluster=self.cluster.name,
+                max_connections=max_in or 1024,
+                handshake_timeout=self.options.handshake_timeout,
+                idle_timeout=idle,
+            ),
+            holder,
+            self.enforcer,
+            self._policy(None),
+            RateLimiter(self.options.rate_limit),
+            self.metrics,
+            **now_kw,
+        )
+        health = self.options.health or health_config_from(cfg)
+        self.pools: list[tuple[UpstreamPool, str, int]] = []
+        for up in w.upstreams:
+            svc = cfg.service(up.service)
+            sp = svc.port(up.port) if up.port is not None else svc.ports[0]
+            assert sp is not None
+            tp = svc.traffic_policy
+            settings = PoolSettings(
+                namespace=svc.namespace,
+                service=svc.name,
+                port=sp.port,
+                source_cluster=self.cluster.name,
+                connect_timeout=tp.timeouts.connect,
+                connect_budget=max(3, tp.retries.attempts + 1),
+                idle_timeout=tp.timeouts.idle,
+                max_connections=tp.circuit_breaking.max_connections,
+                outlier=outlier_config_from(svc),
+                health=health,
+            )
+            pool = UpstreamPool(
+                settings,
+                self.caller,
+                balancer_config_for(
+                    svc, self.cluster, cfg.federation.settings.overprovisioning_factor
+                ),
+                holder,
+                self.enforcer,
+                self.metrics,
+                rng=random.Random(self._rng.random()),
+                **now_kw,
+            )
+            listen = up.listen
+            self.pools.append((pool, listen.host, _offset(listen.host, listen.port, replica)))
+        self._stop = trio.Event()
+        self.finished = trio.Event()
+        """Set when :meth:`run` has drained and returned."""
+        self._listening = False
+        self._draining = False
+        self._catalog: Catalog | None = None
+        self.bound: dict[str, int] = {}
+        """Bound ports by listener name (``inbound``, ``admin``, ``<service>.<ns>``)."""
+
+    @staticmethod
+    def _find(cfg: FederationConfig, name: str) -> Workload:
+        for w in cfg.workloads:
+            if w.name == name:
+                return w
+        raise KeyError(f"no workload {name!r} in the config")
+
+    @property
+    def spiffe_id(self) -> str:
+        """The identity this workload must present."""
+        td = TrustDomain(self.cluster.trust_domain)
+        return str(workload_id(td, self.workload.namespace, self.workload.service_account))
+
+    # -- catalog ----------------------------------------------------------------------
+
+    def _trust_domains(self, catalog: Catalog | None) -> dict[str, str]:
+        out = {c.name: c.trust_domain for c in self.cfg.clusters}
+        if catalog is not None:
+            for name, view in catalog.clusters.items():
+                if view.record is not None:
+                    out[name] = view.record.trust_domain
+        return out
+
+    def _policy(self, catalog: Catalog | None) -> InboundPolicy:
+        return InboundPolicy(
+            local_cluster=self.cluster.name,
+            served=self.served,
+            cluster_trust_domains=self._trust_domains(catalog),
+            authorization=self.cfg.authorization,
+        )
+
+    def apply_catalog(self, catalog: Catalog) -> None:
+        """Apply one catalog: bundles, revocations, routes, admission (see module doc)."""
+        self._catalog = catalog
+        self.metrics.catalog_version.set(catalog.version)
+        self._apply_bundles(catalog.bundles)
+        self._apply_revocations(catalog.revocations)
+        self.inbound.policy = self._policy(catalog)
+        network = self.cluster.network
+        view = catalog.clusters.get(self.cluster.name)
+        if view is not None and view.record is not None:
+            network = view.record.network
+        for pool, _, _ in self.pools:
+            s = pool.settings
+            table = build_routes(
+                catalog,
+                namespace=s.namespace,
+                service=s.service,
+                port=s.port,
+                source_cluster=self.cluster.name,
+                source_network=network,
+            )
+            pool.update(table)
+            if table.unroutable:
+                log_event(
+                    "unroutable_clusters",
+                    destination_service=s.label,
+                    clusters=list(table.unroutable),
+                )
+        log_event("catalog_applied", version=catalog.version, epoch=catalog.epoch)
+
+    def _apply_bundles(self, docs: Mapping[str, bytes]) -> None:
+        changed = False
+        for td_name, raw in docs.items():
+            try:
+                td = TrustDomain(td_name)
+            except ValueError:
+                continue
+            result = self.keeper.offer_json(td, raw)
+            changed = changed or (not isinstance(result, Refused) and result.changed)
+        if not changed:
+            return
+        # Domains the catalog does not (yet) carry keep the roots we started with.
+        merged = dict(self.holder.bundles.roots_by_domain)
+        merged.update(self.keeper.bundle_set().roots_by_domain)
+        try:
+            self.holder.update(bundles=TrustBundleSet(merged))
+        except TlsConfigError as exc:
+            log_event("bundles_refused", detail=str(exc))
+            return
+        log_event("bundles_updated", domains=sorted(td.name for td in merged))
+
+    def _apply_revocations(self, docs: Mapping[tuple[str, str], bytes]) -> None:
+        found = []
+        for (td_name, segment), raw in docs.items():
+            try:
+                rev = Revocation.from_json(raw)
+            except (RevocationError, ValueError) as exc:
+                log_event("revocation_refused", trust_domain=td_name, key=segment, detail=str(exc))
+                continue
+            if rev.trust_domain.name != td_name:
+                log_event("revocation_refused", trust_domain=td_name, key=segment, detail="domain")
+                continue
+            found.append(rev)
+        new = RevocationSet.of(found)
+        if new == self.enforcer.revoked:
+            return
+        closed = self.enforcer.update(new)
+        log_event("revocations_updated", count=len(new), closed_connections=closed)
+
+    def _on_revoked_close(self, peer: VerifiedPeer) -> None:
+        self.metrics.revoked_closed.inc()
+        log_event("revoked_connection_closed", peer=str(peer.spiffe_id), serial=f"{peer.serial:x}")
+
+    def _on_bundle_refused(self, refused: Refused) -> None:
+        log_event(
+            "bundle_refused",
+            trust_domain=refused.trust_domain.name,
+            reason=refused.reason,
+            detail=refused.detail,
+        )
+
+    async def _follow_catalog(self) -> None:
+        current = self._catalog
+        while True:
+            catalog = await self.source.wait_for(functools.partial(_is_not, current))
+            current = catalog
+            self.apply_catalog(catalog)
+
+    # -- admin view ---------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return self._listening and not self._draining and self._catalog is not None
+
+    def stats(self) -> dict[str, Any]:
+        upstreams = {}
+        for pool, host, port in self.pools:
+            bs = pool.balancer.statistics()
+            upstreams[pool.settings.label] = {
+                "listen": f"{host}:{self.bound.get(pool.settings.label, port)}",
+                "active": pool.active,
+                "tiers": [
+                    {
+                        "name": t.name,
+                        "endpoints": t.endpoints,
+                        "healthy": t.healthy,
+                        "share": round(t.share, 2),
+                        "panic": t.panic,
+                    }
+                    for t in bs.tiers
+                ],
+                "candidates": [
+                    {
+                        "name": c.name,
+                        "cluster": c.target_cluster,
+                        "target": f"{c.host}:{c.port}",
+                        "via": c.via,
+                        "weight": c.weight,
+                        "catalog_healthy": h.catalog_healthy,
+                        "active_check": h.active.value,
+                        "ejected": h.ejected,
+                        "effective": h.effective,
+                        "connections": pool.balancer.active(c),
+                    }
+                    for c, h in pool.health().items()
+                ],
+                "relay": _relay_stats(pool.relay_stats),
+            }
+        return {
+            "workload": self.workload.name,
+            "replica": self.options.replica,
+            "spiffe_id": str(self.holder.svid.spiffe_id),
+            "svid_not_after": self.holder.svid.not_after.isoformat(),
+            "tls_generation": self.holder.generation,
+            "catalog_version": self._catalog.version if self._catalog is not None else None,
+            "draining": self._draining,
+            "inbound": {
+                "active": self.inbound.active,
+                "probes": self.inbound.probes,
+                "relay": _relay_stats(self.inbound.relay_stats),
+            },
+            "revocations": len(self.enforcer.revoked),
+            "upstreams": upstreams,
+        }
+
+    def catalog_obj(self) -> dict[str, Any] | None:
+        return self._catalog.to_obj() if self._catalog is not None else None
+
+    def config_obj(self) -> dict[str, Any]:
+        return {
+            "workload": self.workload.name,
+            "cluster": self.cluster.name,
+            "locality": str(self.caller),
+            "spiffe_id": self.spiffe_id,
+            "inbound": f"{self.inbound_host}:{self.inbound_port}",
+            "admin_port": self.admin_port,
+            "serves": [
+                {
+                    "service": f"{s.service}.{s.namespace}",
+                    "port": s.port,
+                    "app": f"{s.app_host}:{s.app_port}",
+                }
+                for s in self.served
+            ],
+            "upstreams": [
+                {
+                    "service": p.settings.label,
+                    "port": p.settings.port,
+                    "listen": f"{h}:{port}",
+                    "connect_timeout": p.settings.connect_timeout,
+                    "connect_budget": p.settings.connect_budget,
+                    "max_connections": p.settings.max_connections,
+                    "order": list(p.balancer.config.order),
+                    "cluster_preference": list(p.balancer.config.cluster_preference),
+                }
+                for p, h, port in self.pools
+            ],
+            "drain_deadline": self.options.drain_deadline,
+            "rate_limit": {
+                "rate": self.options.rate_limit.rate,
+                "burst": self.options.rate_limit.burst,
+            },
+        }
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.text()
+
+    def endpoint_records(self) -> list[EndpointRecord]:
+        """What this instance registers with its agent: one endpoint per served service."""
+        out = []
+        for s in self.served:
+            out.append(
+                EndpointRecord(
+                    cluster=self.cluster.name,
+                    namespace=s.namespace,
+                    service=s.service,
+                    endpoint_id=f"{self.workload.name}-{self.options.replica}",
+                    address=self.inbound_host,
+                    port=self.bound.get("inbound", self.inbound_port),
+                    locality=self.caller,
+                    weight=self.workload.weight,
+                    healthy=True,
+                    spiffe_id=self.spiffe_id,
+                    network=self.cluster.network,
+                )
+            )
+        return out
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin graceful shutdown (idempotent)."""
+        self._stop.set()
+
+    async def run(
+        self,
+        *,
+        bind_any_port: bool = False,
+        task_status: trio.TaskStatus[dict[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until :meth:`stop`, then drain and return.
+
+        ``bind_any_port`` binds every listener on port 0 (tests); ``started`` gets the
+        bound ports by listener name.
+        """
+        try:
+            await self._run(bind_any_port, task_status)
+        finally:
+            self.finished.set()
+
+    async def _run(self, bind_any_port: bool, task_status: trio.TaskStatus[dict[str, int]]) -> None:
+        if self.source.catalog is not None:
+            self.apply_catalog(self.source.catalog)
+        async with trio.open_nursery() as root:
+            root.start_soon(self._follow_catalog)
+            for pool, _, _ in self.pools:
+                root.start_soon(pool.run_background)
+            if self.admin_port is not None:
+                self.bound["admin"] = await root.start(
+                    serve_admin,
+                    self,
+                    self.options.admin_host,
+                    0 if bind_any_port else self.admin_port,
+                )
+            async with trio.open_nursery() as conns:
+                async with trio.open_nursery() as listeners:
+                    for pool, host, port in self.pools:
+                        self.bound[pool.settings.label] = await listeners.start(
+                            serve_outbound, pool, host, 0 if bind_any_port else port, conns
+                        )
+                    self.bound["inbound"] = await listeners.start(
+                        serve_inbound,
+                        self.inbound,
+                        self.inbound_host,
+                        0 if bind_any_port else self.inbound_port,
+                        conns,
+                    )
+                    self._listening = True
+                    log_event("sidecar_ready", workload=self.workload.name, ports=self.bound)
+                    task_status.started(dict(self.bound))
+                    await self._stop.wait()
+                    self._draining = True
+                    listeners.cancel_scope.cancel()
+                deadline = trio.current_time() + self.options.drain_deadline
+                groups = [p.relay_stats for p, _, _ in self.pools] + [self.inbound.relay_stats]
+                results: list[Any] = []
+
+                async def drain(stats: RelayStats) -> None:
+                    results.append(await stats.drain(deadline))
+
+                async with trio.open_nursery() as d:
+                    for stats in groups:
+                        d.start_soon(drain, stats)
+                log_event(
+                    "drained",
+                    finished=sum(r.finished for r in results),
+                    cancelled=sum(r.cancelled for r in results),
+                )
+                # Handlers still connecting (not yet relaying) end here too.
+                conns.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+
+
+def _is_not(held: Catalog | None, candidate: Catalog) -> bool:
+    return candidate is not held
+
+
+def _relay_stats(stats: RelayStats) -> dict[str, Any]:
+    s = stats.statistics()
+    return {
+        "started": s.relays_started,
+        "active": s.relays_active,
+        "bytes_a_to_b": s.bytes_a_to_b,
+        "bytes_b_to_a": s.bytes_b_to_a,
+        "ended": {
+            "eof_both": s.ended_eof_both,
+            "idle_timeout": s.ended_idle_timeout,
+            "a_broken": s.ended_a_broken,
+            "b_broken": s.ended_b_broken,
+            "cancelled": s.ended_cancelled,
+        },
+    }
