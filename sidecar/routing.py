@@ -149,8 +149,15 @@ def build_routes(
     port: int,
     source_cluster: str,
     source_network: str,
+    local_gateway: tuple[str, int] | None = None,
 ) -> RouteTable:
     """Candidates for calling ``service.namespace`` port ``port`` from ``source_cluster``.
+
+    ``local_gateway`` is the own cluster's gateway SNI listener (host, port) from the
+    deployment config. It is used for outbound tunnels even when the local gateway
+    does not offer passthrough to *remote* callers (a tunnel-only gateway still
+    listens there for its own sidecars, and its GatewayRecord then carries no
+    passthrough port). Without it, the local GatewayRecord's passthrough port is used.
 
     Endpoints of clusters on ``source_network`` are direct candidates; each other
     cluster with endpoints of the service becomes one gateway candidate (see the
@@ -180,7 +187,13 @@ def build_routes(
             remote.setdefault(ep.cluster, []).append(ep)
 
     local_view = clusters.get(source_cluster)
-    local_gw = _passthrough_gateway(local_view.gateways) if local_view is not None else None
+    local_gw_record = (
+        _passthrough_gateway(local_view.gateways) if local_view is not None else None
+    )
+    local_gw: tuple[str, int] | None = local_gateway
+    if local_gw is None and local_gw_record is not None:
+        assert local_gw_record.passthrough_port is not None
+        local_gw = (local_gw_record.address, local_gw_record.passthrough_port)
     unroutable: list[str] = []
     for cluster_name in sorted(remote):
         eps = remote[cluster_name]
@@ -189,7 +202,7 @@ def build_routes(
         if target_gw is not None:
             host, gw_port, via = target_gw.address, target_gw.passthrough_port, "passthrough"
         elif local_gw is not None:
-            host, gw_port, via = local_gw.address, local_gw.passthrough_port, "local-gateway"
+            (host, gw_port), via = local_gw, "local-gateway"
         else:
             unroutable.append(cluster_name)
             continue

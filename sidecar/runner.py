@@ -330,6 +330,7 @@ class Sidecar:
                 port=s.port,
                 source_cluster=self.cluster.name,
                 source_network=network,
+                local_gateway=(self.cluster.gateway.address, self.cluster.gateway.passthrough_port),
             )
             pool.update(table)
             if table.unroutable:

@@ -96,6 +96,26 @@ def test_tunnel_only_target_goes_through_the_local_gateway_and_none_is_unroutabl
     assert MeshSni.parse(c.sni).target_cluster == "c2"
 
 
+def test_a_tunnel_only_local_gateway_from_the_config_still_carries_outbound_tunnels(
+    mesh: Mesh,
+) -> None:
+    # The local gateway offers only tunnels to remote callers, so its record has no
+    # passthrough port; its SNI listener still serves the cluster's own sidecars.
+    cat = _with(
+        mesh.catalog(),
+        network={"c2": "n2"},
+        extra=[gw("c2", ("tunnel",)), gw("c1", ("tunnel",))],
+    )
+    table = build_routes(
+        cat, namespace="demo", service="echo", port=7000, source_cluster="c1",
+        source_network="n1", local_gateway=("127.0.0.9", 17002),
+    )
+    assert table.unroutable == ()
+    c = next(c for c in table.candidates if c.kind == "gateway")
+    assert (c.host, c.port, c.via) == ("127.0.0.9", 17002, "local-gateway")
+    assert MeshSni.parse(c.sni) == MeshSni("echo", "demo", 7000, "c2", "c1")
+
+
 def test_remote_cluster_without_healthy_endpoints_is_unhealthy(mesh: Mesh) -> None:
     cat = _with(
         mesh.catalog(unhealthy=("echo-c2",)),
