@@ -11,6 +11,8 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 # an unmodified TCP client and server for the sidecar's "any TCP protocol" test
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+# HTTP/1.1 load generator used by the benchmark harness (its CI smoke run included)
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]} from Debian"
   $SUDO apt-get update -qq
@@ -25,12 +27,20 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 echo "== installing meshfed with its test extras"
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+# The machine's pip config may list local mirror folders that do not exist; pip warns
+# about each one. Hide those warnings, but never hide a failed install.
+pip_log=$(mktemp)
+if ! .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]' >"$pip_log" 2>&1; then
+  cat "$pip_log"; rm -f "$pip_log"; echo "pip install failed" >&2; exit 1
+fi
+grep -v '^WARNING: Location' "$pip_log" || true
+rm -f "$pip_log"
 
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy"
 .venv/bin/mypy trust federation sidecar gateway chaos
+.venv/bin/mypy --explicit-package-bases bench/harness bench/run.py
 echo "== pytest"
 if [ "${MESHFED_FULL:-0}" = "1" ]; then
   exec .venv/bin/python -m pytest -q

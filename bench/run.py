@@ -1,0 +1,171 @@
+"""Compare meshfed with Envoy and the bare network on loopback: ``python -m bench.run``.
+
+    python -m bench.run [SCENARIO...] [--rounds N] [--topologies NAME...] [--smoke]
+                        [--duration S] [--out-dir DIR]
+
+Starts every available topology once (direct, envoy-{pair,passthrough,tunnel},
+meshfed-{pair,passthrough,tunnel}), then runs N rounds; in each round every
+scenario runs once on every topology in the same order, so slow drift in a noisy
+machine hits all of them alike. Writes ``comparison.md`` and ``comparison.json``
+(``bench/results/`` by default; ``--smoke`` runs one short round into a temp
+directory unless ``--out-dir`` is given). Exit status: 0 if every available
+topology ran every scenario, 1 if some run failed (the report says which).
+
+Scenarios: idle, bulk_1, bulk_16, rr_max, rr_pingpong, rr_latency, connect, http_wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.harness import report
+from bench.harness.loadgen import Backend
+from bench.harness.pki import mint
+from bench.harness.scenarios import FULL, SCENARIOS, SMOKE
+from bench.harness.topology import (
+    Driver,
+    Running,
+    StartContext,
+    TopologyError,
+    all_drivers,
+    envoy_version,
+)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument(
+        "scenarios", nargs="*", metavar="SCENARIO", help=f"default: all of {list(SCENARIOS)}"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5; smoke 1)")
+    parser.add_argument(
+        "--topologies",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help=f"default: all of {[d.name for d in all_drivers()]}",
+    )
+    parser.add_argument("--smoke", action="store_true", help="one short round, to check it works")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of load per run")
+    parser.add_argument("--out-dir", type=Path, default=None, help=f"default {DEFAULT_OUT}")
+    return parser
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run(argv: Sequence[str]) -> int:
+    """Parse ``argv``, run the benchmark, write the report; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
+    scenario_names = list(args.scenarios) or list(SCENARIOS)
+    drivers: list[Driver] = all_drivers()
+    if args.topologies:
+        names = [d.name for d in drivers]
+        bad = [n for n in args.topologies if n not in names]
+        if bad:
+            parser.error(f"unknown topolog(ies) {bad}; choose from {names}")
+        drivers = [d for d in drivers if d.name in args.topologies]
+    settings = SMOKE if args.smoke else FULL
+    if args.duration is not None:
+        settings = dataclasses.replace(settings, duration=args.duration)
+    rounds = args.rounds if args.rounds is not None else (1 if args.smoke else 5)
+    out_dir = args.out_dir or (
+        Path(tempfile.gettempdir()) / "meshfed-bench-smoke" if args.smoke else DEFAULT_OUT
+    )
+    comparison = report.Comparison(
+        command="python -m bench.run " + shlex.join(argv),
+        rounds=rounds,
+        settings=settings,
+        scenarios=scenario_names,
+        topologies=[
+            report.TopologyRecord(d.name, d.system, str(d.shape), "unavailable") for d in drivers
+        ],
+        machine=report.machine_facts(envoy_version()),
+        started=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    for name in scenario_names:
+        if why := SCENARIOS[name].unavailable():
+            comparison.skipped_scenarios[name] = why
+    active = [n for n in scenario_names if n not in comparison.skipped_scenarios]
+    records = {r.name: r for r in comparison.topologies}
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="meshfed-bench-") as tmp:
+        work = Path(tmp)
+        pki = mint(work / "pki")
+        backend = Backend(1 if args.smoke else settings.processes)
+        started: list[tuple[Driver, Running]] = []
+        try:
+            for d in drivers:
+                rec = records[d.name]
+                if why := d.unavailable():
+                    rec.note = why
+                    _log(f"{d.name}: {why}")
+                    continue
+                wd = work / d.name
+                wd.mkdir()
+                try:
+                    started.append((d, d.start(StartContext(wd, backend.port, pki))))
+                    rec.status = "measured"
+                except TopologyError as exc:
+                    rec.status, rec.note, ok = "failed", f"failed to start: {exc}", False
+                    _log(f"{d.name}: {rec.note}")
+            for r in range(rounds):
+                for name in active:
+                    for d, running in started:
+                        rec = records[d.name]
+                        t0 = time.monotonic()
+                        try:
+                            values = SCENARIOS[name].run(running, settings, backend)
+                        except (OSError, RuntimeError, TimeoutError) as exc:
+                            rec.failures.append(f"round {r + 1} {name}: {exc}")
+                            ok = False
+                            _log(f"round {r + 1} {name:10} {d.name:20} FAILED: {exc}")
+                            continue
+                        rec.add(name, values)
+                        head = SCENARIOS[name].metrics[0]
+                        _log(
+                            f"round {r + 1}/{rounds} {name:10} {d.name:20} "
+                            f"{values.get(head.key, float('nan')):12,.1f} {head.unit}"
+                            f"  ({time.monotonic() - t0:.1f} s)"
+                        )
+        finally:
+            for _, running in started:
+                running.stop()
+            backend.stop()
+    md, js = report.write(comparison, out_dir)
+    _log(f"wrote {md} and {js}")
+    return 0 if ok else 1
+
+
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    # A background job ignores SIGINT, and SIGTERM would skip cleanup: make both
+    # unwind through run()'s finally, which stops every proxy it started.
+    signal.signal(signal.SIGINT, _stop_on_signal)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
