@@ -113,11 +113,17 @@ class _Checker:
         if s.gateway_probe.timeout > s.gateway_probe.interval:
             self.add(f"{base}.gateway_probe.timeout", "must not exceed gateway_probe.interval")
         if s.store.backend == "etcd" and not s.store.endpoints:
-            self.add(f"{base}.store.endpoints", "the etcd backend needs at least one endpoint",
-                     "list etcd client addresses, e.g. ['10.0.0.10:2379']")
+            self.add(
+                f"{base}.store.endpoints",
+                "the etcd backend needs at least one endpoint",
+                "list etcd client addresses, e.g. ['10.0.0.10:2379']",
+            )
         if s.store.backend == "embedded" and s.store.endpoints:
-            self.add(f"{base}.store.endpoints", "endpoints are only used by the etcd backend",
-                     "remove them or set backend: etcd")
+            self.add(
+                f"{base}.store.endpoints",
+                "endpoints are only used by the etcd backend",
+                "remove them or set backend: etcd",
+            )
 
     # -- clusters ------------------------------------------------------------------------
 
@@ -125,8 +131,11 @@ class _Checker:
         for i, c in enumerate(self.config.clusters):
             path = self.index("clusters", i)
             if c.name in self.clusters:
-                self.add(f"{path}.name", f"duplicate cluster name '{c.name}'",
-                         "cluster names must be unique")
+                self.add(
+                    f"{path}.name",
+                    f"duplicate cluster name '{c.name}'",
+                    "cluster names must be unique",
+                )
                 continue
             self.clusters[c.name] = c
         for i, c in enumerate(self.config.clusters):
@@ -143,8 +152,11 @@ class _Checker:
         for i, s in enumerate(self.config.services):
             path = self.index("services", i)
             if s.ref in self.services:
-                self.add(f"{path}.name", f"duplicate service '{s.ref}'",
-                         "a name may be used once per namespace")
+                self.add(
+                    f"{path}.name",
+                    f"duplicate service '{s.ref}'",
+                    "a name may be used once per namespace",
+                )
                 continue
             self.services[s.ref] = s
         for i, s in enumerate(self.config.services):
@@ -155,18 +167,27 @@ class _Checker:
         numbers: dict[int, int] = {}
         for j, p in enumerate(s.ports):
             if p.name in names:
-                self.add(f"{path}.ports[{j}].name", f"duplicate port name '{p.name}'",
-                         f"already used by ports[{names[p.name]}]")
+                self.add(
+                    f"{path}.ports[{j}].name",
+                    f"duplicate port name '{p.name}'",
+                    f"already used by ports[{names[p.name]}]",
+                )
             names.setdefault(p.name, j)
             if p.port in numbers:
-                self.add(f"{path}.ports[{j}].port", f"duplicate port {p.port}",
-                         f"already used by ports[{numbers[p.port]}]")
+                self.add(
+                    f"{path}.ports[{j}].port",
+                    f"duplicate port {p.port}",
+                    f"already used by ports[{numbers[p.port]}]",
+                )
             numbers.setdefault(p.port, j)
         for j, target in enumerate(s.exported_to):
             if target == "*":
                 if len(s.exported_to) > 1:
-                    self.add(f"{path}.exported_to[{j}]", "'*' must be the only entry",
-                             "'*' already exports to every cluster")
+                    self.add(
+                        f"{path}.exported_to[{j}]",
+                        "'*' must be the only entry",
+                        "'*' already exports to every cluster",
+                    )
             elif not self.cluster_known(target):
                 self.unknown_cluster(f"{path}.exported_to[{j}]", target)
         for j, name in enumerate(s.failover.cluster_preference):
@@ -175,11 +196,16 @@ class _Checker:
         tp = s.traffic_policy
         r = tp.retries
         if r.backoff_base > r.backoff_max:
-            self.add(f"{path}.traffic_policy.retries.backoff_base",
-                     "is greater than backoff_max", "raise backoff_max or lower backoff_base")
+            self.add(
+                f"{path}.traffic_policy.retries.backoff_base",
+                "is greater than backoff_max",
+                "raise backoff_max or lower backoff_base",
+            )
         if r.per_try_timeout is not None and r.per_try_timeout > tp.timeouts.request:
-            self.add(f"{path}.traffic_policy.retries.per_try_timeout",
-                     "is longer than timeouts.request, so no retry could ever start")
+            self.add(
+                f"{path}.traffic_policy.retries.per_try_timeout",
+                "is longer than timeouts.request, so no retry could ever start",
+            )
         subsets: set[str] = set()
         for j, sub in enumerate(s.subsets):
             if sub.name in subsets:
@@ -191,8 +217,11 @@ class _Checker:
 
     def routes(self, path: str, s: Service, subsets: set[str]) -> None:
         if s.routes and not any(p.protocol in ("http", "http2") for p in s.ports):
-            self.add(f"{path}.routes", "routes need an http or http2 port",
-                     "set protocol: http or http2 on a port, or remove the routes")
+            self.add(
+                f"{path}.routes",
+                "routes need an http or http2 port",
+                "set protocol: http or http2 on a port, or remove the routes",
+            )
         names: set[str] = set()
         for j, route in enumerate(s.routes):
             rpath = f"{path}.routes[{j}]"
@@ -206,8 +235,11 @@ class _Checker:
                     self.add(f"{rpath}.match.headers[{k}]", "set either exact or prefix, not both")
             for k, dest in enumerate(route.split):
                 if dest.subset not in subsets:
-                    self.add(f"{rpath}.split[{k}].subset", f"unknown subset '{dest.subset}'",
-                             "declared subsets: " + (", ".join(sorted(subsets)) or "none"))
+                    self.add(
+                        f"{rpath}.split[{k}].subset",
+                        f"unknown subset '{dest.subset}'",
+                        "declared subsets: " + (", ".join(sorted(subsets)) or "none"),
+                    )
             if route.split and sum(d.weight for d in route.split) == 0:
                 self.add(f"{rpath}.split", "all weights are zero")
             if route.fault is not None and route.fault.delay is None and route.fault.abort is None:
@@ -221,8 +253,11 @@ class _Checker:
             path = self.index("workloads", i)
             key = (w.cluster, w.namespace, w.name)
             if key in seen:
-                self.add(f"{path}.name", f"duplicate workload '{w.name}' in namespace "
-                         f"'{w.namespace}' of cluster '{w.cluster}'")
+                self.add(
+                    f"{path}.name",
+                    f"duplicate workload '{w.name}' in namespace "
+                    f"'{w.namespace}' of cluster '{w.cluster}'",
+                )
             seen.add(key)
             self.workload(path, w)
 
@@ -232,20 +267,28 @@ class _Checker:
             if not self.cluster_known(w.cluster):
                 self.unknown_cluster(f"{path}.cluster", w.cluster)
         elif w.zone not in cluster.zones:
-            self.add(f"{path}.zone", f"cluster '{w.cluster}' has no zone '{w.zone}'",
-                     "zones of that cluster: " + ", ".join(cluster.zones))
+            self.add(
+                f"{path}.zone",
+                f"cluster '{w.cluster}' has no zone '{w.zone}'",
+                "zones of that cluster: " + ", ".join(cluster.zones),
+            )
         for j, serve in enumerate(w.serves):
             ref = ServiceRef(serve.service, w.namespace)
             service = self.services.get(ref)
             if service is None:
                 if not self.service_known(ref):
-                    self.add(f"{path}.serves[{j}].service", f"unknown service '{ref}'",
-                             "a workload serves services of its own namespace; declare it under "
-                             "services")
+                    self.add(
+                        f"{path}.serves[{j}].service",
+                        f"unknown service '{ref}'",
+                        "a workload serves services of its own namespace; declare it under "
+                        "services",
+                    )
             elif service.port(serve.port) is None:
-                self.add(f"{path}.serves[{j}].port",
-                         f"service '{ref}' has no port '{serve.port}'",
-                         "its ports: " + ", ".join(p.name for p in service.ports))
+                self.add(
+                    f"{path}.serves[{j}].port",
+                    f"service '{ref}' has no port '{serve.port}'",
+                    "its ports: " + ", ".join(p.name for p in service.ports),
+                )
         used: set[tuple[ServiceRef, str | None]] = set()
         for j, up in enumerate(w.upstreams):
             upath = f"{path}.upstreams[{j}]"
@@ -255,15 +298,24 @@ class _Checker:
             service = self.services.get(up.service)
             if service is None:
                 if not self.service_known(up.service):
-                    self.add(f"{upath}.service", f"unknown service '{up.service}'",
-                             "declare it under services")
+                    self.add(
+                        f"{upath}.service",
+                        f"unknown service '{up.service}'",
+                        "declare it under services",
+                    )
                 continue
             if up.port is None and len(service.ports) > 1:
-                self.add(f"{upath}.port", f"service '{up.service}' has several ports",
-                         "name one: " + ", ".join(p.name for p in service.ports))
+                self.add(
+                    f"{upath}.port",
+                    f"service '{up.service}' has several ports",
+                    "name one: " + ", ".join(p.name for p in service.ports),
+                )
             elif up.port is not None and service.port(up.port) is None:
-                self.add(f"{upath}.port", f"service '{up.service}' has no port '{up.port}'",
-                         "its ports: " + ", ".join(p.name for p in service.ports))
+                self.add(
+                    f"{upath}.port",
+                    f"service '{up.service}' has no port '{up.port}'",
+                    "its ports: " + ", ".join(p.name for p in service.ports),
+                )
             if cluster is not None:
                 self.reachable(upath, w, service)
 
@@ -281,8 +333,11 @@ class _Checker:
         if "workloads" in self.source.incomplete:
             return  # a workload dropped for local errors may be the one serving it
         if not serving:
-            self.add(f"{path}.service", f"no workload serves '{service.ref}'",
-                     "add a workload whose serves lists it")
+            self.add(
+                f"{path}.service",
+                f"no workload serves '{service.ref}'",
+                "add a workload whose serves lists it",
+            )
             return
         self.add(
             f"{path}.service",
@@ -314,25 +369,35 @@ class _Checker:
             names.add(p.name)
             ref = ServiceRef(p.service, p.namespace)
             if not self.service_known(ref):
-                self.add(f"{path}.service", f"unknown service '{ref}'",
-                         "policies protect declared services; check name and namespace")
+                self.add(
+                    f"{path}.service",
+                    f"unknown service '{ref}'",
+                    "policies protect declared services; check name and namespace",
+                )
             src = p.source
             if not (src.spiffe_ids or src.trust_domains or src.namespaces):
-                self.add(f"{path}.from", "matches no caller",
-                         "list spiffe_ids, trust_domains or namespaces")
+                self.add(
+                    f"{path}.from",
+                    "matches no caller",
+                    "list spiffe_ids, trust_domains or namespaces",
+                )
             if self.source.dropped_clusters:
                 continue  # a dropped cluster's trust domain is unknown
             for j, td in enumerate(src.trust_domains):
                 if td not in domains:
-                    self.add(f"{path}.from.trust_domains[{j}]",
-                             f"trust domain '{td}' belongs to no cluster",
-                             f"federated trust domains: {known_domains}")
+                    self.add(
+                        f"{path}.from.trust_domains[{j}]",
+                        f"trust domain '{td}' belongs to no cluster",
+                        f"federated trust domains: {known_domains}",
+                    )
             for j, sid in enumerate(src.spiffe_ids):
                 td = spiffe_trust_domain(sid)
                 if td not in domains:
-                    self.add(f"{path}.from.spiffe_ids[{j}]",
-                             f"trust domain '{td}' belongs to no cluster",
-                             f"federated trust domains: {known_domains}")
+                    self.add(
+                        f"{path}.from.spiffe_ids[{j}]",
+                        f"trust domain '{td}' belongs to no cluster",
+                        f"federated trust domains: {known_domains}",
+                    )
 
     # -- ports ---------------------------------------------------------------------------
 
@@ -340,8 +405,11 @@ class _Checker:
         owners: dict[tuple[tuple[str, str, str], int], str] = {}
         for listener in self.listeners():
             if listener.port > 65535:
-                self.add(listener.path, f"port {listener.port} is above 65535",
-                         "with replicas, instance i uses port + i; pick a lower port")
+                self.add(
+                    listener.path,
+                    f"port {listener.port} is above 65535",
+                    "with replicas, instance i uses port + i; pick a lower port",
+                )
                 continue
             key = (listener.host_key, listener.port)
             first = owners.get(key)
@@ -364,12 +432,18 @@ class _Checker:
             if "passthrough" in gw.modes:
                 ports.append(("passthrough_port", gw.passthrough_port))
             for name, port in ports:
-                yield Listener(_host_key(c.network, gw.address, gw.bind), port,
-                               f"{path}.gateway.{name}")
-            for name, port in (("catalog_port", c.agent.catalog_port),
-                               ("admin_port", c.agent.admin_port)):
-                yield Listener(_host_key(c.network, c.agent.address, c.agent.address), port,
-                               f"{path}.agent.{name}")
+                yield Listener(
+                    _host_key(c.network, gw.address, gw.bind), port, f"{path}.gateway.{name}"
+                )
+            for name, port in (
+                ("catalog_port", c.agent.catalog_port),
+                ("admin_port", c.agent.admin_port),
+            ):
+                yield Listener(
+                    _host_key(c.network, c.agent.address, c.agent.address),
+                    port,
+                    f"{path}.agent.{name}",
+                )
         for i, w in enumerate(self.config.workloads):
             path = self.index("workloads", i)
             cluster = self.clusters.get(w.cluster)
@@ -391,8 +465,11 @@ class _Checker:
             instances = w.replicas if _is_loopback(w.address) else 1
             for replica in range(instances):
                 for name, addr in addresses:
-                    yield Listener(_host_key(network, w.address, addr.host),
-                                   addr.port + replica, f"{path}.{name}")
+                    yield Listener(
+                        _host_key(network, w.address, addr.host),
+                        addr.port + replica,
+                        f"{path}.{name}",
+                    )
 
 
 def _is_loopback(host: str) -> bool:

@@ -207,9 +207,7 @@ class Decoder:
             if key not in by_key:
                 close = difflib.get_close_matches(key, list(by_key), n=1)
                 hint = (
-                    f"did you mean '{close[0]}'?"
-                    if close
-                    else "known keys: " + ", ".join(by_key)
+                    f"did you mean '{close[0]}'?" if close else "known keys: " + ", ".join(by_key)
                 )
                 ok = False
                 self.issue(node_line(value[0]), join(path, key), f"unknown key '{key}'", hint)

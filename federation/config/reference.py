@@ -21,8 +21,14 @@ def render_reference() -> str:
     parts = [BEGIN, ""]
     for cls in order:
         doc = " ".join((cls.__doc__ or "").split()).replace("``", "`")
-        parts += [f"### {cls.__name__}", "", doc, "", "| key | type | default | meaning |",
-                  "| --- | --- | --- | --- |"]
+        parts += [
+            f"### {cls.__name__}",
+            "",
+            doc,
+            "",
+            "| key | type | default | meaning |",
+            "| --- | --- | --- | --- |",
+        ]
         docs = field_docs(cls)
         for f in fields_of(cls):
             if f.required:

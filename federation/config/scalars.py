@@ -277,9 +277,7 @@ class ServiceRef:
         return f"{self.name}.{self.namespace}"
 
 
-SERVICE_REF_PATTERN = (
-    r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
-)
+SERVICE_REF_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 
 
 def parse_service_ref(text: str) -> ServiceRef:
@@ -299,9 +297,7 @@ def parse_service_ref(text: str) -> ServiceRef:
 # -- the aliases the model uses ------------------------------------------------------------
 
 Name = Annotated[str, StrSpec(check_name, LABEL_PATTERN, "name (RFC 1123 label)")]
-TrustDomain = Annotated[
-    str, StrSpec(check_trust_domain, TRUST_DOMAIN_PATTERN, "trust domain")
-]
+TrustDomain = Annotated[str, StrSpec(check_trust_domain, TRUST_DOMAIN_PATTERN, "trust domain")]
 ExportTarget = Annotated[
     str, StrSpec(check_export_target, EXPORT_TARGET_PATTERN, "cluster name or '*'")
 ]

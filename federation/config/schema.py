@@ -233,9 +233,7 @@ def _validate(value: Any, schema: JsonObject, root: JsonObject, path: str, out: 
         if not isinstance(value, kinds) or (expected != "boolean" and isinstance(value, bool)):
             out.append(f"{path}: expected {expected}, got {type(value).__name__}")
             return
-    if "enum" in schema and not any(
-        value == e and type(value) is type(e) for e in schema["enum"]
-    ):
+    if "enum" in schema and not any(value == e and type(value) is type(e) for e in schema["enum"]):
         out.append(f"{path}: {value!r} is not one of {schema['enum']}")
     if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
         out.append(f"{path}: {value!r} does not match {schema['pattern']}")
