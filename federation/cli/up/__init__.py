@@ -1,0 +1,1 @@
+"""`meshfed up`: a whole federation on one machine (docs/up.md)."""
