@@ -7,13 +7,17 @@ Propagation: a write into cluster A's endpoint keys (``store.put`` of a new
 port) until cluster C's CatalogSource (the agent's importer: watch ->
 CatalogBuilder, with its import rule) shows it, measured with ``wait_changed``.
 Full sync: 10 clusters x S services x 10 endpoints bulk-loaded (etcd: Txn of 128
-puts), then ``get_prefix`` and one ``CatalogBuilder.apply(Reset)`` timed.
+puts), then ``get_prefix`` and one ``CatalogBuilder.apply(Reset)`` timed (wall and
+process CPU), the same Reset again (a re-list that lost nothing), the sliced path
+(``apply_steps``: the longest stretch between two checkpoints), ``snapshot()``,
+``Catalog.to_json`` / ``from_json`` and the stream's Snapshot line.
 Starts its own etcd (Debian's etcd-server) on free loopback ports.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import statistics
 import sys
@@ -32,10 +36,11 @@ from federation import keys
 from federation.agent.health import StoreHealth
 from federation.agent.importer import CatalogImporter
 from federation.agent.metrics import AgentMetrics
-from federation.catalog import CatalogBuilder
+from federation.catalog import Catalog, CatalogBuilder
 from federation.model import EndpointRecord, ExportRecord, Locality, ServicePort
 from federation.store import Reset, Store, open_store
 from federation.store.etcd_compat import import_etcd3
+from federation.stream_codec import Snapshot, encode
 
 
 def endpoint(cluster: str, svc: str, i: int, port: int = 15006) -> EndpointRecord:
@@ -133,14 +138,50 @@ async def full_sync(store: Store, label: str) -> dict[str, object]:
         return out
     out[f"{label}_get_prefix_s"] = time.perf_counter() - t0
     out[f"{label}_keys"] = len(items)
+    reset = Reset(rev, tuple(items))
     b = CatalogBuilder("c-9", "inc-bench")
-    t0 = time.perf_counter()
-    b.apply(Reset(rev, tuple(items)), time.time())
+    t0, c0 = time.perf_counter(), time.process_time()
+    b.apply(reset, time.time())
     out[f"{label}_builder_reset_s"] = time.perf_counter() - t0
+    out[f"{label}_builder_reset_cpu_s"] = time.process_time() - c0
+    t0 = time.perf_counter()
+    b.apply(reset, time.time())
+    out[f"{label}_builder_relist_same_s"] = time.perf_counter() - t0
+    # The importer's way: slices with a checkpoint between them, the collector off meanwhile.
+    sliced = CatalogBuilder("c-9", "inc-bench")
+    steps = sliced.apply_steps(reset, time.time())
+    gc.disable()
+    c0 = time.process_time()
+    longest, n_slices = 0.0, 0
+    t0 = time.perf_counter()
+    while True:
+        s0 = time.perf_counter()
+        try:
+            next(steps)
+        except StopIteration:
+            longest = max(longest, time.perf_counter() - s0)
+            break
+        longest = max(longest, time.perf_counter() - s0)
+        n_slices += 1
+    out[f"{label}_sliced_reset_s"] = time.perf_counter() - t0
+    out[f"{label}_sliced_reset_cpu_s"] = time.process_time() - c0
+    gc.enable()
+    out[f"{label}_sliced_slices"] = n_slices
+    out[f"{label}_sliced_longest_slice_ms"] = longest * 1e3
     t0 = time.perf_counter()
     snap = b.snapshot()
     out[f"{label}_snapshot_s"] = time.perf_counter() - t0
     out[f"{label}_visible_entries"] = len(snap.entries)
+    t0 = time.perf_counter()
+    data = snap.to_json()
+    out[f"{label}_to_json_s"] = time.perf_counter() - t0
+    out[f"{label}_catalog_json_mb"] = len(data) / 1e6
+    t0 = time.perf_counter()
+    encode(Snapshot(snap.version, snap))
+    out[f"{label}_snapshot_line_after_to_json_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    Catalog.from_json(data)
+    out[f"{label}_from_json_s"] = time.perf_counter() - t0
     return out
 
 

@@ -28,8 +28,9 @@ agent that restarts builds exactly what a long-running one holds.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
@@ -58,7 +59,7 @@ from federation.model import (
     strict_loads,
 )
 from federation.names import InvalidName
-from federation.store.api import Delete, KeyValue, Put, Reset, WatchEvent, diff_reset
+from federation.store.api import Delete, KeyValue, Put, Reset, WatchEvent
 
 __all__ = [
     "MAX_CATALOG_BYTES",
@@ -169,6 +170,30 @@ class Catalog:
         seen = MappingProxyType(dict(sorted(self.last_seen.items())))
         object.__setattr__(self, "last_seen", seen)
 
+    @classmethod
+    def _wrap(
+        cls,
+        epoch: str,
+        version: int,
+        local_cluster: str,
+        entries: Mapping[str, Entry],
+        last_seen: Mapping[str, float],
+    ) -> Catalog:
+        """A catalog over ``entries`` without copying them (100k entries cost a copy each).
+
+        The caller hands ``entries`` over: it must never change that mapping again (the
+        builder and the view copy it before their next change). Fields are not
+        re-validated: they come from a builder or view that already holds them valid.
+        """
+        self = cls.__new__(cls)
+        object.__setattr__(self, "epoch", epoch)
+        object.__setattr__(self, "version", version)
+        object.__setattr__(self, "local_cluster", local_cluster)
+        object.__setattr__(self, "entries", MappingProxyType(entries))
+        seen = MappingProxyType(dict(sorted(last_seen.items())))
+        object.__setattr__(self, "last_seen", seen)
+        return self
+
     @cached_property
     def services(self) -> Mapping[tuple[str, str], Service]:
         """Services by (namespace, name): those with a visible export or endpoint."""
@@ -251,7 +276,15 @@ class Catalog:
         }
 
     def to_json(self) -> bytes:
-        """Canonical JSON for persisting to disk (write it atomically: temp file + rename)."""
+        """Canonical JSON for persisting to disk (write it atomically: temp file + rename).
+
+        Computed once per catalog (about 1 s at 100k entries): persisting and the
+        stream's Snapshot message share it.
+        """
+        return self._canonical
+
+    @cached_property
+    def _canonical(self) -> bytes:
         return canonical_json(self.to_obj())
 
     @classmethod
@@ -408,6 +441,10 @@ class BuilderStatistics:
     """Versions currently reachable by :meth:`CatalogBuilder.changes_since`."""
 
 
+DEFAULT_SLICE_RECORDS = 1000
+"""Records decoded per slice of a stepwise Reset (:meth:`CatalogBuilder.apply_steps`)."""
+
+
 @dataclass(slots=True)
 class _LogEntry:
     to_version: int
@@ -457,6 +494,11 @@ class CatalogBuilder:
         self._log: deque[_LogEntry] = deque()
         self._log_size = 0
         self._snapshot: Catalog | None = None
+        # Copy-on-write: True while ``_visible`` is the very dict a handed-out snapshot
+        # wraps; the next change copies it first, so snapshots cost no copy.
+        self._visible_shared = False
+        # True while a stepwise Reset is between slices: other mutations must wait.
+        self._busy = False
         self._ignored_keys = 0
         self._bad_values = 0
         self._resets = 0
@@ -481,23 +523,131 @@ class CatalogBuilder:
 
     def apply(self, event: WatchEvent, now: float) -> Applied:
         """Apply one watch event. Never raises on bad data: bad keys/values are reported."""
+        steps = self.apply_steps(event, now)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                applied: Applied = done.value
+                return applied
+
+    def apply_steps(
+        self, event: WatchEvent, now: float, *, slice_records: int = DEFAULT_SLICE_RECORDS
+    ) -> Generator[None, None, Applied]:
+        """Apply one watch event in slices: a generator that yields between slices.
+
+        Drive it with ``next()`` until ``StopIteration``, whose ``value`` is the
+        :class:`Applied`; a caller on an event loop checkpoints at every yield. Only
+        a Reset is sliced (about ``slice_records`` decoded records per slice, a few
+        milliseconds); a Put or Delete is applied at the first ``next()``.
+
+        Until it returns, readers (:meth:`snapshot`, :meth:`changes_since`,
+        ``version``, ``synced``, ``last_seen``) see the catalog as it was before the
+        event, never half of it: changed values are decoded first, then the indexes
+        are updated, then the visible entries are swapped in one step. Mutating
+        calls (``apply``, ``expire_remote``, ``mark_store_live``) raise RuntimeError
+        meanwhile. Closing the generator early (e.g. on cancellation) abandons the
+        Reset if no index was touched yet, and otherwise finishes it synchronously,
+        so the builder is never left half-applied.
+        """
+        self._check_idle()
+        if not isinstance(event, Reset):
+            affected: set[str] = set()
+            rejected: list[Rejected] = []
+            lags: list[tuple[str, float]] = []
+            self._raw_event(event, now, affected, rejected, lags)
+            changed = self._publish(affected)
+            return Applied(self._version, changed, tuple(rejected), tuple(lags))
+        self._busy = True
+        try:
+            return (yield from self._reset_steps(event, now, max(1, slice_records)))
+        finally:
+            self._busy = False
+
+    def _reset_steps(
+        self, event: Reset, now: float, slice_records: int
+    ) -> Generator[None, None, Applied]:
+        # Work units: decoding a record costs about 8 times a key whose mod_revision
+        # is unchanged (a re-list after a reconnect is mostly such keys: not decoded).
+        budget = slice_records * 8
+        cost = 0
+        held = self._held
+        fresh: dict[str, KeyValue] = {}
+        items = event.items
+        for start in range(0, len(items), budget):
+            fresh.update((kv.key, kv) for kv in items[start : start + budget])
+            yield
+        staged: list[tuple[KeyValue, keys.ParsedKey | InvalidName, Entry | RecordError]] = []
+        # 1. Decode what changed. Nothing is mutated: closing here abandons the Reset.
+        for key, kv in fresh.items():
+            old = held.get(key)
+            if old is not None and old.mod_revision == kv.mod_revision:
+                cost += 1
+            else:
+                staged.append(_decode(kv))
+                cost += 8
+            if cost >= budget:
+                cost = 0
+                yield
+        deleted = [key for key in held if key not in fresh]
+        # 2. Update held keys, records and indexes; readers only ever see ``_visible``.
+        # From here on a close finishes the work without yielding again.
+        closing = False
         affected: set[str] = set()
         rejected: list[Rejected] = []
-        lags: list[tuple[str, float]] = []
-        if isinstance(event, Reset):
-            self._resets += 1
-            self._synced = True
-            for ev in diff_reset(self._held, event):
-                self._raw_event(ev, now, affected, rejected, None)
-            # The store vouches for every key it holds right now.
-            for kv in event.items:
-                cluster = _cluster_of(kv.key)
-                if cluster is not None:
-                    self._last_seen[cluster] = now
-        else:
-            self._raw_event(event, now, affected, rejected, lags)
-        changed = self._publish(affected)
-        return Applied(self._version, changed, tuple(rejected), tuple(lags))
+        for key in deleted:
+            self._forget(key, affected, touch_seen=False)
+            cost += 1
+            if cost >= budget and not closing:
+                cost = 0
+                try:
+                    yield
+                except GeneratorExit:
+                    closing = True
+        for kv, parsed, decoded in staged:
+            self._put(kv, parsed, decoded, affected, rejected)
+            cost += 2
+            if cost >= budget and not closing:
+                cost = 0
+                try:
+                    yield
+                except GeneratorExit:
+                    closing = True
+        # Freeing 100k staged tuples takes a while too: a slice of its own.
+        if not closing:
+            try:
+                yield
+            except GeneratorExit:
+                closing = True
+        del staged, fresh, deleted
+        if not closing:
+            try:
+                yield
+            except GeneratorExit:
+                closing = True
+        # 3. Work out the visible changes.
+        changes: dict[str, Entry | None] = {}
+        for key in affected:
+            self._visible_change(key, changes)
+            cost += 2
+            if cost >= budget and not closing:
+                cost = 0
+                try:
+                    yield
+                except GeneratorExit:
+                    closing = True
+        # 4. Swap, in one step. The store vouches for every key it holds right now:
+        # each cluster with a held key is confirmed, one whose keys all went is forgotten.
+        self._resets += 1
+        self._synced = True
+        self._last_seen = dict.fromkeys(self._keys_of_cluster, now)
+        changed = self._commit(changes)
+        rejected.sort(key=lambda r: r.key)
+        return Applied(self._version, changed, tuple(rejected), ())
+
+    def _check_idle(self) -> None:
+        if self._busy:
+            raise RuntimeError("a stepwise Reset is being applied; finish it first")
 
     def mark_store_live(self, now: float) -> None:
         """The watch is known to be live at ``now`` (e.g. an etcd progress notification).
@@ -506,6 +656,7 @@ class CatalogBuilder:
         leased keys would have vanished if it were gone. Without this, a cluster that
         writes nothing for ``limit`` seconds would be expired by :meth:`expire_remote`.
         """
+        self._check_idle()
         for cluster in self._keys_of_cluster:
             self._last_seen[cluster] = now
 
@@ -518,6 +669,7 @@ class CatalogBuilder:
         revocation because its publisher went quiet would fail open. ``limit=None``
         turns expiry off. Returns the expired clusters; bumps the version if visible.
         """
+        self._check_idle()
         if limit is None:
             return ()
         expired = tuple(
@@ -541,13 +693,11 @@ class CatalogBuilder:
     def snapshot(self) -> Catalog:
         """The catalog at the current version (cached until the next change)."""
         if self._snapshot is None or self._snapshot.last_seen != self._last_seen:
-            self._snapshot = Catalog(
-                epoch=self.epoch,
-                version=self._version,
-                local_cluster=self.local_cluster,
-                entries=dict(sorted(self._visible.items())),
-                last_seen=self._last_seen,
+            # Shares ``_visible`` (no copy of 100k entries per version); see _commit.
+            self._snapshot = Catalog._wrap(
+                self.epoch, self._version, self.local_cluster, self._visible, self._last_seen
             )
+            self._visible_shared = True
         return self._snapshot
 
     def changes_since(self, version: int, epoch: str | None = None) -> Delta | None:
@@ -596,41 +746,49 @@ class CatalogBuilder:
         now: float,
         affected: set[str],
         rejected: list[Rejected],
-        lags: list[tuple[str, float]] | None,
+        lags: list[tuple[str, float]],
     ) -> None:
-        key = event.kv.key if isinstance(event, Put) else event.key
-        try:
-            parsed = keys.parse(key)
-        except InvalidName as e:
-            # Hold it anyway so the next Reset's diff does not report it again as new.
-            if isinstance(event, Put):
-                self._held[key] = event.kv
-                self._ignored_keys += 1
-                rejected.append(Rejected(key[:300], str(e)))
-            else:
-                self._held.pop(key, None)
-            return
-        cluster = parsed.parts[0] if parsed.kind in CLUSTER_KINDS else None
         if isinstance(event, Delete):
-            self._forget(key, affected)
+            self._forget(event.key, affected)
             return
-        self._held[key] = event.kv
-        if cluster is not None:
-            self._keys_of_cluster.setdefault(cluster, set()).add(key)
-            self._last_seen[cluster] = now
-        try:
-            entry = decode_store_value(parsed, event.kv.value)
-        except RecordError as e:
-            self._bad_values += 1
-            rejected.append(Rejected(key[:300], str(e)))
-            self._drop_record(key, affected)
+        kv = event.kv
+        _, parsed, decoded = staged = _decode(kv)
+        self._put(*staged, affected, rejected)
+        if isinstance(parsed, InvalidName) or parsed.kind not in CLUSTER_KINDS:
             return
-        self._set_record(key, entry, affected)
-        written_at = None if isinstance(entry, bytes) else entry.written_at
-        if lags is not None and cluster is not None and written_at is not None:
+        cluster = parsed.parts[0]
+        self._last_seen[cluster] = now
+        written_at = None if isinstance(decoded, bytes | RecordError) else decoded.written_at
+        if written_at is not None:
             lags.append((cluster, now - written_at))
 
-    def _forget(self, key: str, affected: set[str]) -> None:
+    def _put(
+        self,
+        kv: KeyValue,
+        parsed: keys.ParsedKey | InvalidName,
+        decoded: Entry | RecordError,
+        affected: set[str],
+        rejected: list[Rejected],
+    ) -> None:
+        """Hold a put key and record its decoded value (or its absence); no ``last_seen``."""
+        key = kv.key
+        self._held[key] = kv
+        if isinstance(parsed, InvalidName):
+            # Held anyway so the next Reset's diff does not report it again as new.
+            self._ignored_keys += 1
+            rejected.append(Rejected(key[:300], str(parsed)))
+            return
+        if parsed.kind in CLUSTER_KINDS:
+            self._keys_of_cluster.setdefault(parsed.parts[0], set()).add(key)
+        if isinstance(decoded, RecordError):
+            self._bad_values += 1
+            rejected.append(Rejected(key[:300], str(decoded)))
+            self._drop_record(key, affected)
+            return
+        # A replaced record needs no unindexing: the key fixes its index entries.
+        self._set_record(key, decoded, affected)
+
+    def _forget(self, key: str, affected: set[str], *, touch_seen: bool = True) -> None:
         """Remove a key entirely (deleted, or expired)."""
         self._held.pop(key, None)
         cluster = _cluster_of(key)
@@ -641,7 +799,8 @@ class CatalogBuilder:
                 if not owned:
                     del self._keys_of_cluster[cluster]
                     # Nothing left to confirm: forget when it was last heard of too.
-                    self._last_seen.pop(cluster, None)
+                    if touch_seen:
+                        self._last_seen.pop(cluster, None)
         self._drop_record(key, affected)
 
     def _set_record(self, key: str, entry: Entry, affected: set[str]) -> None:
@@ -695,23 +854,42 @@ class CatalogBuilder:
                 return dataclasses.replace(entry, healthy_endpoints=counts)
         return entry
 
+    def _visible_change(self, key: str, changes: dict[str, Entry | None]) -> None:
+        new = self._visible_value(key)
+        old = self._visible.get(key)
+        if new is None:
+            if old is not None:
+                changes[key] = None
+        elif old is None or old != new:
+            # Equal content (written_at aside) keeps the old entry, so one version
+            # always denotes the same bytes.
+            changes[key] = new
+
     def _publish(self, affected: set[str]) -> bool:
         """Recompute visibility of ``affected`` keys; bump and log if anything visible changed."""
         changes: dict[str, Entry | None] = {}
-        for key in sorted(affected):
-            new = self._visible_value(key)
-            old = self._visible.get(key)
-            if new is None:
-                if old is not None:
-                    del self._visible[key]
-                    changes[key] = None
-            elif old is None or old != new:
-                # Equal content (written_at aside) keeps the old entry, so one version
-                # always denotes the same bytes.
-                self._visible[key] = new
-                changes[key] = new
+        for key in affected:
+            self._visible_change(key, changes)
+        return self._commit(changes)
+
+    def _commit(self, changes: dict[str, Entry | None]) -> bool:
+        """Make ``changes`` visible as the next version (nothing if empty)."""
         if not changes:
             return False
+        if not self._visible:
+            # Nothing visible yet (the first sync): every change is an addition.
+            self._visible = changes.copy()  # type: ignore[assignment]
+            self._visible_shared = False
+        else:
+            if self._visible_shared:
+                self._visible = self._visible.copy()
+                self._visible_shared = False
+            visible = self._visible
+            for key, value in changes.items():
+                if value is None:
+                    del visible[key]
+                else:
+                    visible[key] = value
         self._version += 1
         self._snapshot = None
         self._log.append(_LogEntry(self._version, changes))
@@ -739,9 +917,43 @@ def _cluster_of(key: str) -> str | None:
     if kind not in CLUSTER_KINDS:
         return None
     try:
-        return keys.parse(key).parts[0]
+        return _parse_key(key).parts[0]
     except InvalidName:
         return None
+
+
+# A v1 key that keys.parse accepts without a closer look: a known kind, then segments of
+# printable ASCII other than '/' (at most 253 bytes each), none of them '.' or '..'.
+# The segment count is checked against the kind's layout after the match.
+_SEGMENT = r"(?!\.\.?(?:/|$))[!-.0-~]{1,253}"
+_KEY_FAST_RE = re.compile(
+    re.escape(keys.ROOT) + rf"({'|'.join(keys.LAYOUT)})/({_SEGMENT}(?:/{_SEGMENT})*)"
+)
+
+
+def _parse_key(key: str) -> keys.ParsedKey:
+    """:func:`keys.parse` with a fast path for plain ASCII keys (same result, same errors)."""
+    match = _KEY_FAST_RE.fullmatch(key)
+    if match is not None:
+        kind = match[1]
+        parts = tuple(match[2].split("/"))
+        if len(parts) == len(keys.LAYOUT[kind]):
+            return keys.ParsedKey(kind, parts)
+    return keys.parse(key)
+
+
+def _decode(
+    kv: KeyValue,
+) -> tuple[KeyValue, keys.ParsedKey | InvalidName, Entry | RecordError]:
+    """Parse a put key and decode its value; errors are returned, not raised."""
+    try:
+        parsed = _parse_key(kv.key)
+    except InvalidName as e:
+        return kv, e, RecordError("key", str(e))
+    try:
+        return kv, parsed, decode_store_value(parsed, kv.value)
+    except RecordError as e:
+        return kv, parsed, e
 
 
 # --- the subscriber side ------------------------------------------------------------------
@@ -758,7 +970,10 @@ class CatalogView:
         self._epoch: str | None = None
         self._version: int | None = None
         self._local: str = ""
-        self._entries: dict[str, Entry] = {}
+        self._entries: Mapping[str, Entry] = {}
+        # ``_entries`` when this view may change it in place; None while it is shared
+        # with a handed-out catalog (copied at the next delta, not at every snapshot).
+        self._owned: dict[str, Entry] | None = None
         self._last_seen: Mapping[str, float] = MappingProxyType({})
         self._catalog: Catalog | None = None
 
@@ -776,9 +991,10 @@ class CatalogView:
     def catalog(self) -> Catalog | None:
         """The catalog held (built lazily after deltas), None before the first snapshot."""
         if self._catalog is None and self._version is not None and self._epoch is not None:
-            self._catalog = Catalog(
+            self._catalog = Catalog._wrap(
                 self._epoch, self._version, self._local, self._entries, self._last_seen
             )
+            self._owned = None
         return self._catalog
 
     def apply_snapshot(self, catalog: Catalog) -> None:
@@ -786,7 +1002,9 @@ class CatalogView:
         self._epoch = catalog.epoch
         self._version = catalog.version
         self._local = catalog.local_cluster
-        self._entries = dict(catalog.entries)
+        # Copied lazily, at the first delta: a snapshot is often replaced by the next one.
+        self._entries = catalog.entries
+        self._owned = None
         self._last_seen = catalog.last_seen
         self._catalog = catalog
 
@@ -800,11 +1018,15 @@ class CatalogView:
             raise NeedSnapshot(
                 f"delta from version {delta.from_version}, view holds {self._version}"
             )
+        entries = self._owned
+        if entries is None:
+            entries = self._owned = dict(self._entries)
+            self._entries = entries
         for change in delta.changes:
             if change.value is None:
-                self._entries.pop(change.key, None)
+                entries.pop(change.key, None)
             else:
-                self._entries[change.key] = change.value
+                entries[change.key] = change.value
         self._version = delta.to_version
         self._last_seen = MappingProxyType(dict(delta.last_seen))
         self._catalog = None

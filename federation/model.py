@@ -56,8 +56,20 @@ GATEWAY_MODES: tuple[str, ...] = get_args(GatewayMode)
 EXPORT_TO_ALL = "*"
 """``exported_to == ("*",)`` exports a service to every cluster."""
 
-_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$")
-_HOST_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Patterns are used with fullmatch: ``$`` would also accept a trailing newline.
+_ID_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,126}[A-Za-z0-9])?")
+_HOST_LABEL_RE = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+# An RFC 1123 label of at most 63 characters: a subset of what check_dns_label accepts
+# (ASCII, no '/', no dot segment, no control characters), so a match needs no other check.
+_LABEL_FAST_RE = _HOST_LABEL_RE
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# Dotted-quad IPv4 without leading zeros: a subset of what ipaddress.ip_address accepts.
+_IPV4_FAST_RE = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+_MEMO_MAX = 1 << 16
+_labels_ok: set[str] = set()
+"""Labels already validated (a bounded memo: 100k records share a few hundred names)."""
+_spiffe_ok: dict[str, str] = {}
+"""SPIFFE IDs already validated -> canonical text (a bounded memo: many endpoints share one)."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -107,6 +119,15 @@ def _str(value: object, where: str) -> str:
 
 
 def _label(value: object, where: str) -> str:
+    # Fast paths for the common valid case; the full check below names what is wrong.
+    if type(value) is str:
+        if value in _labels_ok:
+            return value
+        if _LABEL_FAST_RE.fullmatch(value):
+            if len(_labels_ok) >= _MEMO_MAX:
+                _labels_ok.clear()
+            _labels_ok.add(value)
+            return value
     try:
         return check_dns_label(_str(value, where), where)
     except InvalidName as e:
@@ -116,7 +137,7 @@ def _label(value: object, where: str) -> str:
 def _ident(value: object, where: str) -> str:
     """Opaque ids (gateway, endpoint, incarnation): 1-128 of ``[A-Za-z0-9._-]``, alnum ends."""
     text = _str(value, where)
-    if not _ID_RE.match(text):
+    if not _ID_RE.fullmatch(text):
         raise RecordError(where, "must be 1-128 characters of A-Z a-z 0-9 . _ - with alnum ends")
     return text
 
@@ -129,22 +150,33 @@ def _trust_domain(value: object, where: str) -> str:
 
 
 def _spiffe_id(value: object, where: str) -> str:
+    if type(value) is str:
+        known = _spiffe_ok.get(value)
+        if known is not None:
+            return known
     try:
-        return str(SpiffeId.parse(_str(value, where)))
+        text = str(SpiffeId.parse(_str(value, where)))
     except ValueError as e:
         raise RecordError(where, f"not a SPIFFE ID: {e}") from None
+    if type(value) is str:
+        if len(_spiffe_ok) >= _MEMO_MAX:
+            _spiffe_ok.clear()
+        _spiffe_ok[value] = text
+    return text
 
 
 def _host(value: object, where: str) -> str:
     """An IP literal (v4 or v6, no brackets) or a lower-case DNS name."""
     text = _str(value, where)
+    if _IPV4_FAST_RE.fullmatch(text):
+        return text
     try:
         ipaddress.ip_address(text)
         return text
     except ValueError:
         pass
     labels = text.split(".")
-    if len(text) > 253 or not all(_HOST_LABEL_RE.match(label) for label in labels):
+    if len(text) > 253 or not all(_HOST_LABEL_RE.fullmatch(label) for label in labels):
         raise RecordError(where, "must be an IP address or a lower-case DNS name")
     return text
 
@@ -194,6 +226,29 @@ def _unique(items: tuple[Any, ...], where: str) -> None:
         seen.add(item)
 
 
+class _Refused(Exception):
+    """Raised by the strict decoder's hooks; strict_loads turns it into a RecordError."""
+
+
+def _unique_pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(items)
+    if len(out) != len(items):
+        seen: set[str] = set()
+        for k, _ in items:
+            if k in seen:
+                raise _Refused(f"duplicate JSON key {k!r}")
+            seen.add(k)
+    return out
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not valid JSON")
+
+
+# One decoder for every call: json.loads with hooks would build a new one each time.
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_refuse_constant)
+
+
 def strict_loads(data: bytes | str, where: str, limit: int) -> Any:
     """json.loads that refuses what JSON allows but meshfed must not guess about.
 
@@ -207,20 +262,10 @@ def strict_loads(data: bytes | str, where: str, limit: int) -> Any:
             data = data.decode("utf-8")
         except UnicodeDecodeError:
             raise RecordError(where, "not UTF-8") from None
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in items:
-            if k in out:
-                raise RecordError(where, f"duplicate JSON key {k!r}")
-            out[k] = v
-        return out
-
-    def constant(name: str) -> Any:
-        raise RecordError(where, f"{name} is not valid JSON")
-
     try:
-        return json.loads(data, object_pairs_hook=pairs, parse_constant=constant)
+        return _STRICT_DECODER.decode(data)
+    except _Refused as e:
+        raise RecordError(where, str(e)) from None
     except json.JSONDecodeError as e:
         raise RecordError(where, f"not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
@@ -342,7 +387,7 @@ class ClusterRecord:
 
     def key(self) -> str:
         """The store key this record lives under."""
-        return keys.cluster(self.name)
+        return f"{keys.ROOT}clusters/{self.name}"
 
     def to_obj(self) -> dict[str, Any]:
         return _with_meta(
@@ -479,7 +524,7 @@ class GatewayRecord:
 
     def key(self) -> str:
         """The store key this record lives under."""
-        return keys.gateway(self.cluster, self.gateway_id)
+        return f"{keys.ROOT}gateways/{self.cluster}/{self.gateway_id}"
 
     def to_obj(self) -> dict[str, Any]:
         return _with_meta(
@@ -607,7 +652,7 @@ class ExportRecord:
 
     def key(self) -> str:
         """The store key this record lives under."""
-        return keys.export(self.cluster, self.namespace, self.service)
+        return f"{keys.ROOT}exports/{self.cluster}/{self.namespace}/{self.service}"
 
     def to_obj(self) -> dict[str, Any]:
         return _with_meta(
@@ -645,6 +690,11 @@ class ExportRecord:
         return cls.from_obj(strict_loads(data, cls.NAME, MAX_RECORD_BYTES))
 
 
+_LOCALITY_PATHS = tuple(
+    (part, f"EndpointRecord.locality.{part}") for part in ("cloud", "region", "zone", "cluster")
+)
+
+
 @dataclass(frozen=True)
 class EndpointRecord:
     """``/meshfed/v1/endpoints/<cluster>/<namespace>/<service>/<endpoint_id>``; leased."""
@@ -677,28 +727,36 @@ class EndpointRecord:
     NAME: ClassVar[str] = "EndpointRecord"
 
     def __post_init__(self) -> None:
-        n = self.NAME
-        _label(self.cluster, f"{n}.cluster")
-        _label(self.namespace, f"{n}.namespace")
-        _label(self.service, f"{n}.service")
-        _ident(self.endpoint_id, f"{n}.endpoint_id")
-        _host(self.address, f"{n}.address")
-        _port(self.port, f"{n}.port")
-        if not isinstance(self.locality, Locality):
-            raise RecordError(f"{n}.locality", "must be a Locality")
-        for part in ("cloud", "region", "zone", "cluster"):
-            _label(getattr(self.locality, part), f"{n}.locality.{part}")
-        if self.locality.cluster != self.cluster:
-            raise RecordError(f"{n}.locality.cluster", f"must equal cluster {self.cluster!r}")
-        _int(self.weight, f"{n}.weight", 1, MAX_WEIGHT)
-        _bool(self.healthy, f"{n}.healthy")
-        _spiffe_id(self.spiffe_id, f"{n}.spiffe_id")
-        _label(self.network, f"{n}.network")
-        _opt_time(self.written_at, f"{n}.written_at")
+        # Field paths are literals: this runs once per endpoint, 100k times on a full sync.
+        _label(self.cluster, "EndpointRecord.cluster")
+        _label(self.namespace, "EndpointRecord.namespace")
+        _label(self.service, "EndpointRecord.service")
+        _ident(self.endpoint_id, "EndpointRecord.endpoint_id")
+        _host(self.address, "EndpointRecord.address")
+        _port(self.port, "EndpointRecord.port")
+        loc = self.locality
+        if not isinstance(loc, Locality):
+            raise RecordError("EndpointRecord.locality", "must be a Locality")
+        _label(loc.cloud, "EndpointRecord.locality.cloud")
+        _label(loc.region, "EndpointRecord.locality.region")
+        _label(loc.zone, "EndpointRecord.locality.zone")
+        _label(loc.cluster, "EndpointRecord.locality.cluster")
+        if loc.cluster != self.cluster:
+            raise RecordError(
+                "EndpointRecord.locality.cluster", f"must equal cluster {self.cluster!r}"
+            )
+        _int(self.weight, "EndpointRecord.weight", 1, MAX_WEIGHT)
+        _bool(self.healthy, "EndpointRecord.healthy")
+        _spiffe_id(self.spiffe_id, "EndpointRecord.spiffe_id")
+        _label(self.network, "EndpointRecord.network")
+        if self.written_at is not None:
+            _time(self.written_at, "EndpointRecord.written_at")
 
     def key(self) -> str:
         """The store key this record lives under."""
-        return keys.endpoint(self.cluster, self.namespace, self.service, self.endpoint_id)
+        # Every field is a validated label or id, a safe key segment: no re-check needed.
+        service = f"{self.cluster}/{self.namespace}/{self.service}"
+        return f"{keys.ROOT}endpoints/{service}/{self.endpoint_id}"
 
     def to_obj(self) -> dict[str, Any]:
         loc = self.locality
@@ -732,10 +790,12 @@ class EndpointRecord:
         f = _Fields(obj, cls.NAME)
         loc = f.mapping("locality")
         parts = []
-        for part in ("cloud", "region", "zone", "cluster"):
-            if loc.get(part) is None:
-                raise RecordError(f"{cls.NAME}.locality.{part}", "is required")
-            parts.append(_label(loc[part], f"{cls.NAME}.locality.{part}"))
+        for part, where in _LOCALITY_PATHS:
+            value = loc.get(part)
+            if value is None:
+                raise RecordError(where, "is required")
+            parts.append(value)
+        # The parts are checked (as labels, with these paths) by __post_init__.
         return cls(
             cluster=f.req("cluster"),
             namespace=f.req("namespace"),
@@ -896,7 +956,7 @@ class PolicyRecord:
 
     def key(self) -> str:
         """The store key this record lives under."""
-        return keys.policy(self.name)
+        return f"{keys.ROOT}policies/{self.name}"
 
     def to_obj(self) -> dict[str, Any]:
         history = []

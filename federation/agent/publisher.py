@@ -112,7 +112,8 @@ class ClusterPublisher:
     def desired(self) -> dict[str, Desired]:
         out = dict(self._static)
         for key, rec in self.registry.records().items():
-            out.setdefault(key, Desired(rec, leased=True))
+            # A live registration overrides the declared (unhealthy) endpoint.
+            out[key] = Desired(rec, leased=True)
         return with_gateway_counts(self.cluster, out)
 
     def written_keys(self) -> dict[str, int]:

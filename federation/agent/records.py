@@ -75,7 +75,9 @@ def cluster_record(
     )
 
 
-def workload_endpoints(config: FederationConfig, c: Cluster, w: Workload) -> list[EndpointRecord]:
+def workload_endpoints(
+    config: FederationConfig, c: Cluster, w: Workload, *, healthy: bool = True
+) -> list[EndpointRecord]:
     """The endpoints of one workload: one per replica and served service."""
     td = TrustDomain.parse("spiffe://" + str(c.trust_domain))
     spiffe = str(workload_id(td, w.namespace, w.service_account))
@@ -94,7 +96,7 @@ def workload_endpoints(config: FederationConfig, c: Cluster, w: Workload) -> lis
                     port=port,
                     locality=locality,
                     weight=w.weight,
-                    healthy=True,
+                    healthy=healthy,
                     spiffe_id=spiffe,
                     network=c.network,
                 )
@@ -103,16 +105,28 @@ def workload_endpoints(config: FederationConfig, c: Cluster, w: Workload) -> lis
 
 
 def static_records(
-    config: FederationConfig, cluster: str, incarnation: str, started_at: float
+    config: FederationConfig,
+    cluster: str,
+    incarnation: str,
+    started_at: float,
+    *,
+    declared_healthy: bool = False,
 ) -> dict[str, Desired]:
-    """Everything the config says ``cluster`` publishes, by key (gateway counts included)."""
+    """Everything the config says ``cluster`` publishes, by key (gateway counts included).
+
+    Workload endpoints declared in the config are published *unhealthy* unless
+    ``declared_healthy``: the config says where an endpoint may run, its sidecar's
+    registration (see :class:`~federation.agent.registrar.EndpointRegistry`) says it
+    does. A sidecar that dies drops its registration and the endpoint reverts to
+    declared-unhealthy, so callers everywhere stop routing to it.
+    """
     c = config.cluster(cluster)
     out: dict[str, Desired] = {}
     rec = cluster_record(config, cluster, incarnation, started_at)
     out[rec.key()] = Desired(rec, leased=True)
     served: set[tuple[str, str]] = set()
     for w in config.workloads_in(cluster):
-        for ep in workload_endpoints(config, c, w):
+        for ep in workload_endpoints(config, c, w, healthy=declared_healthy):
             out[ep.key()] = Desired(ep, leased=True)
             served.add((ep.namespace, ep.service))
     for svc in config.services:

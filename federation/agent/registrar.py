@@ -1,7 +1,13 @@
 """Endpoints registered at run time by local sidecars (implements ``EndpointRegistrar``).
 
 Keyed by owner (a connection or sidecar id): when the owner's connection goes,
-``drop_owner`` withdraws everything it registered. The registry only holds the
+``drop_owner`` withdraws everything it registered.
+
+An endpoint declared in the deployment config may be registered by its sidecar
+when the registration matches the declaration (same identity, address, port,
+locality and network; health and weight are the sidecar's to report). The
+registration then overrides the declared record; when it is withdrawn the
+declared record (published unhealthy) comes back. The registry only holds the
 desired state; the publisher writes it (leased, compare-and-swap) when it may,
 so registering never blocks on the store, and a registration made while the
 store is down is published when it returns.
@@ -30,11 +36,11 @@ class EndpointRegistry:
         self,
         cluster: str,
         *,
-        reserved: Callable[[str], bool] = lambda _key: False,
+        declared: Callable[[str], EndpointRecord | None] = lambda _key: None,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.cluster = cluster
-        self._reserved = reserved
+        self._declared = declared
         self._on_change = on_change
         self._by_owner: dict[str, dict[str, EndpointRecord]] = {}
         self._owner_of: dict[str, str] = {}
@@ -56,8 +62,13 @@ class EndpointRegistry:
             raise RegistrationRefused(
                 key, f"belongs to cluster {record.cluster}, not {self.cluster}"
             )
-        if self._reserved(key):
-            raise RegistrationRefused(key, "is published from the deployment config")
+        declared = self._declared(key)
+        if declared is not None and _identity(declared) != _identity(record):
+            raise RegistrationRefused(
+                key,
+                "does not match its declaration in the deployment config "
+                f"(declared {_describe(declared)}, registered {_describe(record)})",
+            )
         holder = self._owner_of.get(key)
         if holder is not None and holder != owner:
             raise RegistrationRefused(key, f"is registered by another owner ({holder})")
@@ -84,3 +95,12 @@ class EndpointRegistry:
         for key in owned:
             del self._owner_of[key]
         self._on_change()
+
+
+def _identity(r: EndpointRecord) -> tuple[object, ...]:
+    """What a registration may not change about a declared endpoint."""
+    return (r.spiffe_id, r.address, r.port, r.locality, r.network)
+
+
+def _describe(r: EndpointRecord) -> str:
+    return f"{r.spiffe_id} at {r.address}:{r.port} in {r.locality} on {r.network}"

@@ -44,6 +44,7 @@ from federation.agent.signer import CaSigner
 from federation.agent.stream_server import CatalogStreamServer, serve_catalog_stream
 from federation.config.model import FederationConfig
 from federation.jointoken import JoinTokenFile
+from federation.model import EndpointRecord
 from federation.store.api import Store, StoreUnavailable
 from federation.store.etcd import EtcdConfig
 from federation.store.open import open_store, parse_store_url
@@ -84,6 +85,9 @@ class AgentOptions:
     """... and on this port (0: any) instead of ``clusters[].agent.catalog_port``."""
     serve_catalog: bool = True
     """Serve the catalog stream (HTTP/2 + mTLS) to local sidecars and the gateway."""
+    assume_declared_healthy: bool = False
+    """Publish config-declared endpoints healthy without a sidecar registration (for
+    sidecars that run on a static catalog and never connect to the agent)."""
     wall: Callable[[], float] = time.time
     """Wall clock for ``written_at``, ``last_seen`` and sync lag."""
     file_io: Callable[[Callable[[], None]], Awaitable[None]] | None = None
@@ -143,8 +147,19 @@ class Agent:
         self.metrics = AgentMetrics()
         self.health = StoreHealth()
         self.registration = Registration(self.epoch, self.ttl, takeover=opts.takeover)
-        static = static_records(config, cluster, self.epoch, round(self.started_at, 6))
-        self.registrar = EndpointRegistry(cluster, reserved=lambda key: key in static)
+        static = static_records(
+            config,
+            cluster,
+            self.epoch,
+            round(self.started_at, 6),
+            declared_healthy=opts.assume_declared_healthy,
+        )
+
+        def declared(key: str) -> EndpointRecord | None:
+            d = static.get(key)
+            return d.record if d is not None and isinstance(d.record, EndpointRecord) else None
+
+        self.registrar = EndpointRegistry(cluster, declared=declared)
         preloaded, self.persist_note = load_persisted(state_dir, cluster)
         self.source = CatalogImporter(
             cluster,

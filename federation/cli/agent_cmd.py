@@ -59,6 +59,14 @@ def run(
     catalog_host: Annotated[
         str | None, typer.Option("--catalog-host", help="Override clusters[].agent.address.")
     ] = None,
+    assume_declared_healthy: Annotated[
+        bool,
+        typer.Option(
+            "--assume-declared-healthy",
+            help="Publish config-declared endpoints healthy without a sidecar registration "
+            "(for sidecars on a static catalog).",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Register the cluster, publish its services, import the others, serve /ready /status."""
@@ -79,6 +87,7 @@ def run(
         lease_ttl=lease_ttl,
         catalog_host=catalog_host,
         catalog_port=catalog_port,
+        assume_declared_healthy=assume_declared_healthy,
     )
 
     try:

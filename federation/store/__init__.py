@@ -3,6 +3,9 @@
 Open one with :func:`open_store` (``memory://`` or ``etcd://host:port``); see docs/store.md.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from federation.store.api import (
     CasResult,
     Compacted,
@@ -21,8 +24,29 @@ from federation.store.api import (
     diff_reset,
 )
 from federation.store.embedded import EmbeddedStore, open_embedded_store
-from federation.store.etcd import EtcdConfig, EtcdStore, open_etcd_store
-from federation.store.open import InvalidStoreURL, open_store, parse_store_url
+
+if TYPE_CHECKING:
+    from federation.store.etcd import EtcdConfig, EtcdStore, open_etcd_store
+    from federation.store.open import InvalidStoreURL, open_store, parse_store_url
+
+# The etcd backend imports grpc (and asyncio), ~10 MB of RSS: loaded on first use, so
+# that a process which only needs the store's types (a sidecar) never pays for it.
+_LAZY = {
+    "EtcdConfig": "federation.store.etcd",
+    "EtcdStore": "federation.store.etcd",
+    "open_etcd_store": "federation.store.etcd",
+    "InvalidStoreURL": "federation.store.open",
+    "open_store": "federation.store.open",
+    "parse_store_url": "federation.store.open",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "CasResult",

@@ -9,6 +9,8 @@ persisted catalog at start, and bundle refusals.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import trio
 
@@ -134,14 +136,28 @@ async def test_registrar_publishes_by_owner_and_drop_owner_withdraws(
         assert kv is not None and kv.lease == agent.registration.lease_id
         with pytest.raises(RegistrationRefused, match="another owner"):
             await agent.registrar.register(rec, owner="conn-2")
+        # A declared endpoint is published unhealthy until its sidecar registers it;
+        # a registration that contradicts the declaration is refused.
         static = keys.endpoint("aws-use1", "demo", "whoami", "whoami-a-0")
-        with pytest.raises(RegistrationRefused, match="deployment config"):
+        declared = EndpointRecord.from_json((await store.get(static)).value)
+        assert declared.healthy is False
+        with pytest.raises(RegistrationRefused, match="does not match its declaration"):
             await agent.registrar.register(
-                EndpointRecord.from_json((await store.get(static)).value), owner="conn-1"
+                dataclasses.replace(declared, port=declared.port + 1, healthy=True), owner="c-1"
             )
+        await agent.registrar.register(dataclasses.replace(declared, healthy=True), owner="c-9")
+
+        async def static_health() -> bool:
+            return EndpointRecord.from_json((await store.get(static)).value).healthy
+
+        while not await static_health():
+            await trio.sleep(0.1)
+        await agent.registrar.drop_owner("c-9")  # its sidecar went away
+        while await static_health():
+            await trio.sleep(0.1)
         # The gateway counts the extra healthy endpoint of an exported service.
         gw = await store.get(keys.gateway("aws-use1", "gw-0"))
-        assert b'"demo/whoami":4' in gw.value
+        assert b'"demo/whoami":1' in gw.value  # only the registered one is healthy
         await agent.registrar.drop_owner("conn-1")
         await wait_for(lambda: key not in agent.publisher.written_keys())
         assert await store.get(key) is None
