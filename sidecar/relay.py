@@ -38,9 +38,13 @@ Invariants (each has a test in ``tests/relay/``):
 Allocation: ``receive_some(max_bytes)`` allocates a fresh ``bytes`` per chunk
 (CPython's ``socket.recv`` allocates ``max_bytes`` and shrinks it). When the
 source is a plain ``trio.SocketStream`` the relay instead reads with
-``socket.recv_into`` into one reusable ``bytearray`` per direction; other
-streams (``SSLStream``, memory streams) have no ``receive_into`` in trio, so they
-keep the allocating path. ``bench/results/relay.md`` has the measured difference.
+``socket.recv_into`` into one reusable ``bytearray`` per direction, and a source
+with a ``receive_into(buffer) -> int`` method (:class:`ReceiveIntoStream`: the
+sidecar's TLS legs, :class:`sidecar.tlshalfclose.HalfCloseTls`, which decrypts
+every record that has arrived straight into it) the same way; other streams
+(memory streams, HTTP/2 tunnel streams) keep the allocating path.
+``bench/results/relay.md`` and ``docs/performance-notes.md`` have the measured
+differences.
 
 :class:`RelaySession` is the bookkeeping every relay implementation shares (this
 module's stream relay, ``gateway.splice``'s socket relay): idle deadline, first
@@ -57,7 +61,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol, runtime_checkable
 
 import trio
 
@@ -71,6 +75,16 @@ end; past it the close is forced. A peer that stops reading cannot hold a relay 
 
 _LINGER_ABORT: Final = struct.pack("ii", 1, 0)
 """SO_LINGER on with timeout 0: ``close()`` sends RST and drops unsent data."""
+
+
+@runtime_checkable
+class ReceiveIntoStream(Protocol):
+    """A stream that can read into a caller's buffer (the relay then reuses one)."""
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Read at least one byte into ``buffer`` (waiting if needed); 0 means EOF.
+        Raises what ``receive_some`` raises."""
+        ...
 
 
 class RelayEnd(enum.Enum):
@@ -335,7 +349,12 @@ async def _pump(
 ) -> None:
     src_broken, dst_broken = _SIDE_BROKEN[direction]
     if isinstance(src, trio.SocketStream):
-        await _pump_socket_source(session, direction, src, dst, chunk_size)
+        # SocketStream.receive_some maps these to Broken/ClosedResourceError; we read its
+        # socket directly, so we map them ourselves (EBADF: closed under us).
+        await _pump_into(session, direction, src.socket.recv_into, (OSError,), dst, chunk_size)
+        return
+    if isinstance(src, ReceiveIntoStream):
+        await _pump_into(session, direction, src.receive_into, _STREAM_ERRORS, dst, chunk_size)
         return
     while True:
         try:
@@ -355,28 +374,27 @@ async def _pump(
     await _forward_eof(session, dst, dst_broken)
 
 
-async def _pump_socket_source(
+async def _pump_into(
     session: RelaySession,
     direction: Direction,
-    src: trio.SocketStream,
+    read_into: Callable[[memoryview], Awaitable[int]],
+    read_errors: tuple[type[Exception], ...],
     dst: trio.abc.Stream,
     chunk_size: int,
 ) -> None:
-    """The same loop, reading with ``recv_into`` into one buffer reused for every chunk.
+    """The same loop, reading into one buffer reused for every chunk.
 
     Safe because ``send_all`` has handed every byte over (to the kernel, the TLS
     object, a memory buffer) before it returns, and the next read starts only then.
+    ``read_errors`` are the source's failures (for a raw socket, ``OSError``).
     """
     src_broken, dst_broken = _SIDE_BROKEN[direction]
     buf = bytearray(chunk_size)
     view = memoryview(buf)
-    sock = src.socket
     while True:
         try:
-            n = await sock.recv_into(view)
-        except OSError:
-            # SocketStream.receive_some maps these to Broken/ClosedResourceError; we read
-            # its socket directly, so we map them ourselves (EBADF: closed under us).
+            n = await read_into(view)
+        except read_errors:
             session.fail(src_broken)
             return
         if n == 0:
