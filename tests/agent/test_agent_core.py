@@ -360,3 +360,43 @@ async def test_refused_bundle_is_counted_and_the_last_good_one_kept(
         assert refused._value.get() == 1
         del gcp
         n.cancel_scope.cancel()
+
+
+def _with_stale_limit(config, seconds):
+    settings = dataclasses.replace(config.federation.settings, remote_stale_after=seconds)
+    return dataclasses.replace(
+        config, federation=dataclasses.replace(config.federation, settings=settings)
+    )
+
+
+async def test_remote_data_is_dropped_after_the_stale_limit_and_only_then(
+    tmp_path, config, autojump_clock
+):
+    # Off by default: a long outage keeps serving every remote record (static stability).
+    # With remote_stale_after, an agent cut off from the store longer than the limit
+    # drops the other clusters' records and keeps its own.
+    limited = _with_stale_limit(config, 20.0)
+    async with open_embedded_store() as store, trio.open_nursery() as n:
+        await start(n, new_agent(tmp_path, config, "aws-use1"), store)
+        cut_off = FlakyStore(store)
+        gcp = await start(n, new_agent(tmp_path, limited, "gcp-euw1"), cut_off)
+        unlimited_store = FlakyStore(store)
+        onprem = await start(n, new_agent(tmp_path, config, "onprem-dc1"), unlimited_store)
+        aws_ep = keys.endpoint("aws-use1", "demo", "whoami", "whoami-a-0")
+        gcp_ep = keys.endpoint("gcp-euw1", "demo", "greeter", "greeter-0")
+        await wait_for(
+            lambda: aws_ep in gcp.source.snapshot().entries
+            and aws_ep in onprem.source.snapshot().entries
+        )
+        cut_off.set_down(True)
+        unlimited_store.set_down(True)
+        await trio.sleep(10)  # within the limit: nothing dropped yet
+        assert aws_ep in gcp.source.snapshot().entries
+        await trio.sleep(20)  # past it
+        await wait_for(lambda: aws_ep not in gcp.source.snapshot().entries)
+        assert gcp_ep in gcp.source.snapshot().entries  # its own records stay
+        assert aws_ep in onprem.source.snapshot().entries  # no limit: kept
+        cut_off.set_down(False)
+        unlimited_store.set_down(False)
+        await wait_for(lambda: aws_ep in gcp.source.snapshot().entries)  # back after re-list
+        n.cancel_scope.cancel()
