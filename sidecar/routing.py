@@ -191,6 +191,10 @@ def build_routes(
         _passthrough_gateway(local_view.gateways) if local_view is not None else None
     )
     local_gw: tuple[str, int] | None = local_gateway
+    local_peer_alive: dict[str, bool] = {}
+    for gw_record in local_view.gateways if local_view is not None else ():
+        for peer, alive in gw_record.peer_alive.items():
+            local_peer_alive[peer] = local_peer_alive.get(peer, False) or alive
     if local_gw is None and local_gw_record is not None:
         assert local_gw_record.passthrough_port is not None
         local_gw = (local_gw_record.address, local_gw_record.passthrough_port)
@@ -226,5 +230,7 @@ def build_routes(
             via=via,
         )
         candidates.append(cand)
-        healthy[cand] = count > 0
+        # Our gateway probes every peer gateway; one it reports dead takes its whole
+        # cluster out of rotation (federation/agent/gatewaywatch.py publishes this).
+        healthy[cand] = count > 0 and local_peer_alive.get(cluster_name, True)
     return RouteTable(tuple(candidates), healthy, tuple(unroutable))

@@ -98,6 +98,7 @@ class ClusterPublisher:
         # What this agent last wrote: key -> (mod_revision, record, lease). The CAS tokens.
         self._written: dict[str, tuple[int, Record | None, int]] = {}
         self._dirty = trio.Event()
+        self._peer_alive: dict[str, bool] = {}
         self.bundle_published: bool = False
         self.last_bundle_error: str = ""
         registry.set_on_change(self.poke)
@@ -109,12 +110,18 @@ class ClusterPublisher:
         """The desired state changed (a registration): reconcile soon."""
         self._dirty.set()
 
+    def set_peer_alive(self, alive: dict[str, bool]) -> None:
+        """Peer-gateway liveness from this cluster's gateway (federation/agent/gatewaywatch.py)."""
+        if alive != self._peer_alive:
+            self._peer_alive = dict(alive)
+            self.poke()
+
     def desired(self) -> dict[str, Desired]:
         out = dict(self._static)
         for key, rec in self.registry.records().items():
             # A live registration overrides the declared (unhealthy) endpoint.
             out[key] = Desired(rec, leased=True)
-        return with_gateway_counts(self.cluster, out)
+        return with_gateway_counts(self.cluster, out, peer_alive=self._peer_alive)
 
     def written_keys(self) -> dict[str, int]:
         """Keys this agent holds in the store and their mod_revisions (for tests and /status)."""

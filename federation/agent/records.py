@@ -164,8 +164,11 @@ def gateway_record(c: Cluster, endpoints: Iterable[EndpointRecord]) -> GatewayRe
     )
 
 
-def with_gateway_counts(c: Cluster, desired: Mapping[str, Desired]) -> dict[str, Desired]:
-    """``desired`` with the gateway's healthy counts recomputed from its exported endpoints.
+def with_gateway_counts(
+    c: Cluster, desired: Mapping[str, Desired], *, peer_alive: Mapping[str, bool] | None = None
+) -> dict[str, Desired]:
+    """``desired`` with the gateway's healthy counts recomputed from its exported endpoints
+    and, when given, the peer liveness its gateway reports.
 
     Only services this cluster exports are counted: a count for an unexported
     service would tell other clusters it exists.
@@ -184,12 +187,10 @@ def with_gateway_counts(c: Cluster, desired: Mapping[str, Desired]) -> dict[str,
     gw = gateway_record(c, eps)
     out = dict(desired)
     old = out.get(gw.key())
-    if old is not None:
-        gw = (
-            replace(gw, peer_alive=old.record.peer_alive)
-            if isinstance(old.record, GatewayRecord)
-            else gw
-        )
+    if peer_alive is not None:
+        gw = replace(gw, peer_alive=dict(sorted(peer_alive.items())))
+    elif old is not None and isinstance(old.record, GatewayRecord):
+        gw = replace(gw, peer_alive=old.record.peer_alive)
     out[gw.key()] = Desired(gw, leased=True)
     return out
 

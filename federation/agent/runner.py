@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from federation.agent.admin import serve_admin
+from federation.agent.gatewaywatch import watch_gateway
 from federation.agent.health import StoreHealth
 from federation.agent.importer import CatalogImporter, load_persisted
 from federation.agent.metrics import AgentMetrics
@@ -85,6 +86,8 @@ class AgentOptions:
     """... and on this port (0: any) instead of ``clusters[].agent.catalog_port``."""
     serve_catalog: bool = True
     """Serve the catalog stream (HTTP/2 + mTLS) to local sidecars and the gateway."""
+    watch_gateway: bool = True
+    """Poll the cluster gateway's admin ``/stats`` and publish its peer liveness."""
     assume_declared_healthy: bool = False
     """Publish config-declared endpoints healthy without a sidecar registration (for
     sidecars that run on a static catalog and never connect to the agent)."""
@@ -316,6 +319,17 @@ class Agent:
                 nursery.start_soon(rotator.run)
             nursery.start_soon(self.source.housekeeping)
             nursery.start_soon(self._sync_gate)
+            if self.options.watch_gateway:
+                gw = self.cluster.gateway
+                nursery.start_soon(
+                    partial(
+                        watch_gateway,
+                        gw.address,
+                        gw.admin_port,
+                        self.config.federation.settings.gateway_probe.interval,
+                        self.publisher.set_peer_alive,
+                    )
+                )
             task_status.started(self)
             if store is None:
                 await self._store_sessions()

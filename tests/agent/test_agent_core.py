@@ -48,6 +48,7 @@ def new_agent(tmp_path, config, cluster, *, takeover=False, name=None):
         takeover=takeover,
         serve_admin=False,
         serve_catalog=False,
+        watch_gateway=False,
         lease_ttl=TTL,
         wall=trio.current_time,
         file_io=inline_io,

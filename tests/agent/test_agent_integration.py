@@ -309,7 +309,9 @@ async def test_two_agents_race_for_one_cluster_on_real_etcd(tmp_path, etcd_serve
 
     config = demo_config()
     ca = make_ca(tmp_path, "aws-use1", config)
-    opts = AgentOptions(serve_admin=False, serve_catalog=False, lease_ttl=TTL)
+    opts = AgentOptions(
+        serve_admin=False, serve_catalog=False, watch_gateway=False, lease_ttl=TTL
+    )
     a = Agent(config, "aws-use1", etcd_server.url, ca, tmp_path / "a", opts)
     b = Agent(config, "aws-use1", etcd_server.url, ca, tmp_path / "b", opts)
     async with trio.open_nursery() as n:

@@ -116,6 +116,25 @@ def test_a_tunnel_only_local_gateway_from_the_config_still_carries_outbound_tunn
     assert MeshSni.parse(c.sni) == MeshSni("echo", "demo", 7000, "c2", "c1")
 
 
+def test_a_cluster_our_gateway_reports_dead_is_out_of_rotation(mesh: Mesh) -> None:
+    import dataclasses
+
+    local = dataclasses.replace(gw("c1", ("passthrough",)), peer_alive={"c2": False})
+    cat = _with(mesh.catalog(), network={"c2": "n2"}, extra=[gw("c2", ("passthrough",)), local])
+    table = build_routes(
+        cat, namespace="demo", service="echo", port=7000, source_cluster="c1", source_network="n1"
+    )
+    c = next(c for c in table.candidates if c.kind == "gateway")
+    assert table.catalog_healthy[c] is False
+    alive = dataclasses.replace(local, peer_alive={"c2": True})
+    cat = _with(mesh.catalog(), network={"c2": "n2"}, extra=[gw("c2", ("passthrough",)), alive])
+    table = build_routes(
+        cat, namespace="demo", service="echo", port=7000, source_cluster="c1", source_network="n1"
+    )
+    c = next(c for c in table.candidates if c.kind == "gateway")
+    assert table.catalog_healthy[c] is True
+
+
 def test_remote_cluster_without_healthy_endpoints_is_unhealthy(mesh: Mesh) -> None:
     cat = _with(
         mesh.catalog(unhealthy=("echo-c2",)),
