@@ -27,13 +27,14 @@ import datetime as dt
 import socket
 import ssl
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 import trio
 
 from sidecar.authz import InboundPolicy, Refuse
+from sidecar.http.server import InboundHttp, InboundTarget
 from sidecar.metrics import SidecarMetrics, log_event
 from sidecar.ratelimit import RateLimiter
 from sidecar.relay import RelayEnd, RelayStats, relay
@@ -41,6 +42,7 @@ from sidecar.tlshalfclose import HalfCloseTls
 from trust.enforcement import RevocationEnforcer
 from trust.errors import HandshakeRefused
 from trust.tls import DEFAULT_HANDSHAKE_TIMEOUT, TlsContextHolder, handshake_and_verify
+from trust.validate import VerifiedPeer
 
 __all__ = ["InboundServer", "InboundSettings", "capture_sni", "serve_inbound", "sni_of"]
 
@@ -120,6 +122,10 @@ class InboundServer:
         self.active = 0
         self.probes = 0
         self._now_fn = now_fn
+        self.http: InboundHttp | None = None
+        """Serves HTTP ports (set by the runner when the workload serves any)."""
+        self.http_targets: Mapping[tuple[str, str, int], InboundTarget] = {}
+        """HTTP ports by (namespace, service, port): these get HTTP/2, not a relay."""
 
     async def _is_probe(self, stream: trio.abc.Stream) -> bool:
         """True if the peer closed without sending a byte (a TCP health probe)."""
@@ -178,6 +184,10 @@ class InboundServer:
             await trio.aclose_forcefully(tls)
             return
         served = decision.served
+        target = self.http_targets.get((served.namespace, served.service, served.port))
+        if target is not None and self.http is not None:
+            await self._serve_http(tls, peer, decision.sni.source_cluster, target)
+            return
         try:
             with trio.fail_after(self.settings.app_connect_timeout):
                 app = await trio.open_tcp_stream(served.app_host, served.app_port)
@@ -222,6 +232,27 @@ class InboundServer:
                 bytes_in=result.bytes_a_to_b if result is not None else None,
                 bytes_out=result.bytes_b_to_a if result is not None else None,
             )
+
+    async def _serve_http(
+        self,
+        tls: trio.SSLStream[trio.abc.Stream],
+        peer: VerifiedPeer,
+        source_cluster: str,
+        target: InboundTarget,
+    ) -> None:
+        """An admitted caller on an HTTP port: HTTP/2 per request to the app
+        (docs/http.md); the connection still counts as one inbound connection."""
+        assert self.http is not None
+        m = self.metrics
+        labels = ("inbound", source_cluster, self.settings.local_cluster, target.service, "inbound")
+        m.opened.labels(*labels).inc()
+        m.active.labels("inbound", target.service).inc()
+        try:
+            with self.enforcer.track(peer):
+                await self.http.serve(tls, target, source_cluster)
+        finally:
+            m.active.labels("inbound", target.service).dec()
+            m.closed.labels(*labels).inc()
 
 
 async def serve_inbound(

@@ -42,6 +42,7 @@ import trio
 from federation.model import Locality
 from sidecar.balancer import Balancer, BalancerConfig, connect_attempts
 from sidecar.health import ActiveHealthCheck, CheckResult, EndpointHealth, HealthCheckConfig
+from sidecar.http.circuit import report_response
 from sidecar.metrics import SidecarMetrics, log_event
 from sidecar.outlier import (
     Ejected,
@@ -60,9 +61,17 @@ from trust.spiffe import SpiffeId
 from trust.tls import TlsContextHolder, handshake_and_verify
 from trust.validate import VerifiedPeer
 
-__all__ = ["Connected", "PoolSettings", "UpstreamPool", "serve_outbound"]
+__all__ = ["Connected", "DialFailed", "PoolSettings", "UpstreamPool", "serve_outbound"]
 
 _LINGER_ABORT: Final = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+
+
+class DialFailed(Exception):
+    """:meth:`UpstreamPool.dial` failed; ``reason`` is the stable label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +317,53 @@ class UpstreamPool:
     def release(self, cand: Candidate) -> None:
         """The connection to ``cand`` ended."""
         self.balancer.on_finish(cand)
+
+    async def dial(self, cand: Candidate) -> tuple[trio.SSLStream[trio.SocketStream], VerifiedPeer]:
+        """One verified inner-mTLS connection to ``cand`` (no pick, no retry: the HTTP
+        layer retries per request). Success or failure is reported like a
+        :meth:`connect` attempt (outlier ``CONNECT``, metrics, log); raises
+        :class:`DialFailed` with the stable reason."""
+        s = self.settings
+        start = trio.current_time()
+        try:
+            tls, peer = await self._attempt(cand)
+        except trio.TooSlowError:
+            reason = "timeout"
+        except HandshakeRefused as exc:
+            reason = exc.reason
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            reason = "connect_refused"
+        else:
+            if self.outlier is not None:
+                self._apply_outlier(
+                    self.outlier.on_success(cand, FailureKind.CONNECT, trio.current_time())
+                )
+            self.metrics.connect_seconds.labels(
+                s.source_cluster, cand.target_cluster, s.label, "http"
+            ).observe(trio.current_time() - start)
+            return tls, peer
+        self.metrics.connect_retries.labels(
+            s.source_cluster, cand.target_cluster, s.label, reason
+        ).inc()
+        log_event(
+            "connect_failed",
+            destination_service=s.label,
+            endpoint=cand.name,
+            destination_cluster=cand.target_cluster,
+            reason=reason,
+        )
+        if self.outlier is not None:
+            self._apply_outlier(
+                self.outlier.on_failure(cand, FailureKind.CONNECT, trio.current_time())
+            )
+        raise DialFailed(reason)
+
+    def report_http(self, cand: Candidate, status: int, grpc_status: int | None) -> None:
+        """Feed one upstream HTTP response to outlier detection (5xx: failure)."""
+        if self.outlier is not None:
+            self._apply_outlier(
+                report_response(self.outlier, cand, status, trio.current_time(), grpc_status)
+            )
 
     # -- background: ejection returns and active checks ----------------------------------
 

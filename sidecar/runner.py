@@ -35,19 +35,28 @@ from typing import Any, Protocol
 import trio
 
 from federation.catalog import Catalog
-from federation.config.model import FederationConfig, Service, Workload
+from federation.config.model import FederationConfig, Service, ServicePort, Subset, Workload
 from federation.config.scalars import ServiceRef
 from federation.model import EndpointRecord, Locality, RecordError
 from sidecar.admin import serve_admin
 from sidecar.authz import InboundPolicy, ServedPort
 from sidecar.health import HealthCheckConfig
+from sidecar.http.accesslog import HttpMetrics
+from sidecar.http.circuit import CircuitBreaker
+from sidecar.http.destination import PoolDestination
+from sidecar.http.proxy import HttpProxy
+from sidecar.http.routes import RouteTable as HttpRouteTable
+from sidecar.http.routes import retry_budget_config
+from sidecar.http.server import InboundHttp, InboundTarget, serve_http_listener
+from sidecar.http.splits import in_subset
 from sidecar.inbound import InboundServer, InboundSettings, serve_inbound
 from sidecar.metrics import SidecarMetrics, log_event
 from sidecar.outbound import PoolSettings, UpstreamPool, serve_outbound
 from sidecar.outlier import OutlierConfig
 from sidecar.ratelimit import RateLimitConfig, RateLimiter
 from sidecar.relay import RelayStats
-from sidecar.routing import balancer_config_for, build_routes
+from sidecar.retry import RetryBudget
+from sidecar.routing import Candidate, balancer_config_for, build_routes
 from trust.bundle import BundleKeeper, Refused
 from trust.enforcement import RevocationEnforcer
 from trust.errors import RevocationError, TlsConfigError
@@ -207,19 +216,17 @@ class Sidecar:
         served = []
         idle = 3600.0
         max_in = 0
+        http_targets: dict[tuple[str, str, int], InboundTarget] = {}
         for s in w.serves:
             svc = cfg.service(ServiceRef(s.service, w.namespace))
             sp = svc.port(s.port)
             assert sp is not None  # the config checks guarantee it
-            served.append(
-                ServedPort(
-                    w.namespace,
-                    s.service,
-                    sp.port,
-                    s.app.host,
-                    _offset(s.app.host, s.app.port, replica),
+            app_port = _offset(s.app.host, s.app.port, replica)
+            served.append(ServedPort(w.namespace, s.service, sp.port, s.app.host, app_port))
+            if sp.protocol == "http" or sp.protocol == "http2":
+                http_targets[(w.namespace, s.service, sp.port)] = InboundTarget(
+                    f"{s.service}.{w.namespace}", sp.protocol, s.app.host, app_port
                 )
-            )
             idle = min(idle, svc.traffic_policy.timeouts.idle)
             max_in = max(max_in, svc.traffic_policy.circuit_breaking.max_connections)
         self.served = tuple(served)
@@ -237,8 +244,29 @@ class Sidecar:
             self.metrics,
             **now_kw,
         )
+        self.inbound_http = InboundHttp(
+            local_cluster=self.cluster.name,
+            local_workload=w.name,
+            rng=random.Random(self._rng.random()),
+        )
+        if http_targets:
+            self.inbound.http = self.inbound_http
+            self.inbound.http_targets = http_targets
         health = self.options.health or health_config_from(cfg)
         self.pools: list[tuple[UpstreamPool, str, int]] = []
+        self.http_proxies: dict[str, HttpProxy] = {}
+        """HTTP upstreams' request pipelines, by ``service.namespace``."""
+        self.http_destinations: dict[str, PoolDestination] = {}
+        http_labels = [
+            f"{u.service.name}.{u.service.namespace}"
+            for u in w.upstreams
+            if _port_of(cfg.service(u.service), u.port).protocol in ("http", "http2")
+        ]
+        self.http_metrics = HttpMetrics(
+            self.metrics.registry,
+            source_cluster=self.cluster.name,
+            destination_services=http_labels,
+        )
         for up in w.upstreams:
             svc = cfg.service(up.service)
             sp = svc.port(up.port) if up.port is not None else svc.ports[0]
@@ -270,6 +298,8 @@ class Sidecar:
             )
             listen = up.listen
             self.pools.append((pool, listen.host, _offset(listen.host, listen.port, replica)))
+            if sp.protocol in ("http", "http2"):
+                self._add_http(svc, pool)
         self._stop = trio.Event()
         self.finished = trio.Event()
         """Set when :meth:`run` has drained and returned."""
@@ -279,12 +309,41 @@ class Sidecar:
         self.bound: dict[str, int] = {}
         """Bound ports by listener name (``inbound``, ``admin``, ``<service>.<ns>``)."""
 
+    def _add_http(self, svc: Service, pool: UpstreamPool) -> None:
+        """The request pipeline of an ``http``/``http2`` upstream (docs/http.md)."""
+        tp = svc.traffic_policy
+        breaker = CircuitBreaker(tp.circuit_breaking)
+        destination = PoolDestination(
+            pool,
+            {s.name: s for s in svc.subsets},
+            functools.partial(_in_subset, self.cfg, svc),
+            breaker,
+        )
+        label = pool.settings.label
+        self.http_destinations[label] = destination
+        self.http_proxies[label] = HttpProxy(
+            service=label,
+            source_cluster=self.cluster.name,
+            source_workload=self.workload.name,
+            routes=HttpRouteTable(svc),
+            destination=destination,
+            breaker=breaker,
+            budget=RetryBudget(retry_budget_config(tp.retries)),
+            metrics=self.http_metrics,
+            rng=random.Random(self._rng.random()),
+        )
+
     @staticmethod
     def _find(cfg: FederationConfig, name: str) -> Workload:
-        for w in cfg.workloads:
-            if w.name == name:
-                return w
-        raise KeyError(f"no workload {name!r} in the config")
+        """``name`` or ``cluster/name`` (workload names may repeat across clusters)."""
+        cluster, _, short = name.rpartition("/")
+        matches = [w for w in cfg.workloads if w.name == short and cluster in ("", w.cluster)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise KeyError(f"no workload {name!r} in the config")
+        clusters = ", ".join(w.cluster for w in matches)
+        raise KeyError(f"workload {name!r} is in several clusters ({clusters}): use --cluster")
 
     @property
     def spiffe_id(self) -> str:
@@ -438,6 +497,13 @@ class Sidecar:
                 ],
                 "relay": _relay_stats(pool.relay_stats),
             }
+            dest = self.http_destinations.get(pool.settings.label)
+            if dest is not None:
+                proxy = self.http_proxies[pool.settings.label]
+                upstreams[pool.settings.label]["http"] = {
+                    "in_flight": proxy.in_flight,
+                    "pools": dest.statistics(),
+                }
         return {
             "workload": self.workload.name,
             "replica": self.options.replica,
@@ -450,6 +516,12 @@ class Sidecar:
                 "active": self.inbound.active,
                 "probes": self.inbound.probes,
                 "relay": _relay_stats(self.inbound.relay_stats),
+                "http": {
+                    "connections": self.inbound_http.stats.connections,
+                    "active_connections": self.inbound_http.stats.active_connections,
+                    "streams": self.inbound_http.stats.streams,
+                    "in_flight": self.inbound_http.in_flight,
+                },
             },
             "revocations": len(self.enforcer.revoked),
             "upstreams": upstreams,
@@ -555,11 +627,22 @@ class Sidecar:
                     0 if bind_any_port else self.admin_port,
                 )
             async with trio.open_nursery() as conns:
+                for dest in self.http_destinations.values():
+                    dest.nursery = conns
+                self.inbound_http.nursery = conns
                 async with trio.open_nursery() as listeners:
                     for pool, host, port in self.pools:
-                        self.bound[pool.settings.label] = await listeners.start(
-                            serve_outbound, pool, host, 0 if bind_any_port else port, conns
-                        )
+                        label = pool.settings.label
+                        proxy = self.http_proxies.get(label)
+                        bind = 0 if bind_any_port else port
+                        if proxy is not None:
+                            self.bound[label] = await listeners.start(
+                                serve_http_listener, proxy, host, bind, conns
+                            )
+                        else:
+                            self.bound[label] = await listeners.start(
+                                serve_outbound, pool, host, bind, conns
+                            )
                     self.bound["inbound"] = await listeners.start(
                         serve_inbound,
                         self.inbound,
@@ -580,9 +663,18 @@ class Sidecar:
                 async def drain(stats: RelayStats) -> None:
                     results.append(await stats.drain(deadline))
 
+                async def drain_http() -> None:
+                    # BAD_INPUTS 31: requests in flight finish (or the deadline passes)
+                    # before pooled connections are closed under them.
+                    with trio.move_on_at(deadline):
+                        for proxy in self.http_proxies.values():
+                            await proxy.wait_idle()
+                        await self.inbound_http.wait_idle()
+
                 async with trio.open_nursery() as d:
                     for stats in groups:
                         d.start_soon(drain, stats)
+                    d.start_soon(drain_http)
                 log_event(
                     "drained",
                     finished=sum(r.finished for r in results),
@@ -591,6 +683,29 @@ class Sidecar:
                 # Handlers still connecting (not yet relaying) end here too.
                 conns.cancel_scope.cancel()
             root.cancel_scope.cancel()
+
+
+def _port_of(svc: Service, name: str | None) -> ServicePort:
+    sp = svc.port(name) if name is not None else svc.ports[0]
+    assert sp is not None  # the config checks guarantee it
+    return sp
+
+
+def _in_subset(cfg: FederationConfig, svc: Service, cand: Candidate, subset: Subset) -> bool:
+    """Subset membership from the config's workload labels. A direct candidate is one
+    instance (endpoint id ``<workload>`` or ``<workload>-<replica>``); a whole remote
+    cluster (gateway candidate) belongs when any of its workloads serving the service does."""
+    serving = [
+        w
+        for w in cfg.workloads
+        if w.cluster == cand.target_cluster
+        and w.namespace == svc.namespace
+        and any(s.service == svc.name for s in w.serves)
+    ]
+    if cand.kind == "direct":
+        base = cand.name.rsplit("-", 1)[0]
+        serving = [w for w in serving if w.name in (cand.name, base)]
+    return any(in_subset(w.labels, subset) for w in serving)
 
 
 def _is_not(held: Catalog | None, candidate: Catalog) -> bool:

@@ -67,6 +67,10 @@ def run(
     workload: Annotated[str, typer.Option("--workload", help="Workload name in the config.")],
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Writable state directory.")],
     replica: Annotated[int, typer.Option("--replica", min=0, help="Instance index.")] = 0,
+    cluster: Annotated[
+        str | None,
+        typer.Option("--cluster", help="The workload's cluster (names repeat across clusters)."),
+    ] = None,
     svid_dir: Annotated[
         Path | None, typer.Option("--svid-dir", help="Directory with svid.crt and svid.key.")
     ] = None,
@@ -102,9 +106,17 @@ def run(
         for issue in exc.issues:
             typer.echo(str(issue), err=True)
         raise _fail(2, f"{config}: invalid config") from None
-    wl = next((w for w in cfg.workloads if w.name == workload), None)
-    if wl is None:
-        raise _fail(2, f"{config}: no workload named {workload!r} (see `workloads:`)")
+    matches = [
+        w for w in cfg.workloads if w.name == workload and cluster in (None, w.cluster)
+    ]
+    if not matches:
+        where = f" in cluster {cluster!r}" if cluster else ""
+        raise _fail(2, f"{config}: no workload named {workload!r}{where} (see `workloads:`)")
+    if len(matches) > 1:
+        clusters = ", ".join(w.cluster for w in matches)
+        raise _fail(2, f"{config}: workload {workload!r} is in {clusters}; add --cluster")
+    wl = matches[0]
+    qualified = f"{wl.cluster}/{wl.name}"
     if replica >= wl.replicas:
         raise _fail(2, f"--replica {replica}: workload {workload} has {wl.replicas} replica(s)")
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -128,10 +140,10 @@ def run(
                 raise _fail(2, f"{catalog}: refused bundle: {exc}") from None
     if not len(bundles):
         raise _fail(2, f"no trust bundles: put SPIFFE bundle JSON files in {bdir}")
-    cluster = cfg.cluster(wl.cluster)
-    td = TrustDomain(cluster.trust_domain)
+    home = cfg.cluster(wl.cluster)
+    td = TrustDomain(home.trust_domain)
     my_id = workload_id(td, wl.namespace, wl.service_account)
-    agent_host, agent_port = cluster.agent.address, cluster.agent.catalog_port
+    agent_host, agent_port = home.agent.address, home.agent.catalog_port
     if agent is not None:
         host, _, port_text = agent.rpartition(":")
         if not host or not port_text.isdigit():
@@ -188,7 +200,7 @@ def run(
                 state_dir / f"catalog-{workload}-{replica}.json",
             )
             feed = client
-        sidecar = Sidecar(cfg, workload, holder, feed, options=options)
+        sidecar = Sidecar(cfg, qualified, holder, feed, options=options)
 
         async def renew() -> Svid:
             assert client is not None

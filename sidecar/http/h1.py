@@ -387,7 +387,12 @@ class H1ServerConnection(_H1Base):
         out = _forwardable(headers)
         if content_length is not None:
             out.append((b"content-length", str(content_length).encode("ascii")))
-        return self._conn.send(h11.Response(status_code=status, headers=out)) or b""
+        # A reason phrase, though RFC 9112 lets it be empty: some clients' parsers
+        # (nghttp2's h2load, older http-parser users) never report an empty one.
+        return (
+            self._conn.send(h11.Response(status_code=status, headers=out, reason=_phrase(status)))
+            or b""
+        )
 
     def send_data(self, data: bytes) -> bytes:
         """Body bytes framed for the wire."""
@@ -407,6 +412,13 @@ class H1ServerConnection(_H1Base):
         if not self.reusable:
             raise RuntimeError("exchange not complete; close the connection instead")
         self._carry_over()
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 def refusal_response(refusal: Refusal) -> bytes:
@@ -444,6 +456,10 @@ class H1ClientConnection(_H1Base):
         elif method in ("GET", "HEAD", "DELETE", "OPTIONS"):
             # Bodiless by default for these; h11 would otherwise chunk an empty body.
             out.append((b"content-length", b"0"))
+        else:
+            # h11 frames a request with neither field as bodiless (it only chunks
+            # responses by itself), so say chunked explicitly.
+            out.append((b"transfer-encoding", b"chunked"))
         return self._conn.send(h11.Request(method=method, target=target, headers=out)) or b""
 
     def send_data(self, data: bytes) -> bytes:
@@ -482,7 +498,8 @@ class H1ClientConnection(_H1Base):
             raise Refusal(502, "malformed", type(ev).__name__)
         self._in_head = False
         rest, self._buf = bytes(self._buf), bytearray()
-        self._conn.receive_data(rest)
+        if rest:  # h11 takes b"" for EOF: a head that arrived alone must not end the body
+            self._conn.receive_data(rest)
         if self._eof:
             self._conn.receive_data(b"")
         return ResponseHead(ev.status_code, _forwardable(list(ev.headers)), framing)

@@ -249,7 +249,7 @@ def test_response_is_reframed_by_h11() -> None:
     )
     out += conn.send_data(b"hi") + conn.send_end()
     assert out.lower() == (
-        b"http/1.1 200 \r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+        b"http/1.1 200 ok\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
     )
 
 
