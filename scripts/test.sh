@@ -13,12 +13,19 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
 # HTTP/1.1 load generator used by the benchmark harness (its CI smoke run included)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+# promtool checks every component's /metrics; curl and h2load are real HTTP clients
+# for the sidecar's HTTP layer tests
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v h2load >/dev/null 2>&1 || need_apt+=(nghttp2-client)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]} from Debian"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   # The Debian packages start system services we do not use; the tests run their own on free ports.
-  for svc in etcd redis-server; do $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true; done
+  for svc in etcd redis-server prometheus; do
+    $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
+  done
 fi
 
 PY=${PYTHON:-python3}
