@@ -417,6 +417,11 @@ class Drill:
     """The limits the judge holds the drill to."""
     notes: tuple[str, ...] = ()
     """Where retries cannot hide the fault and why; shown in the report."""
+    caller_failover: Literal["on", "off"] = "on"
+    """``off``: the runner starts the federation with each traffic source's service pinned
+    to the caller's own zone (its only route goes to a subset of that zone's workloads), so
+    the caller's locality failover cannot move traffic away. Only the negative control uses
+    it; a run that cannot pin (``--attach``) refuses the drill."""
 
     @property
     def traffic_end(self) -> float:

@@ -1,8 +1,10 @@
 """``meshfed drill``: list, validate and judge chaos failover drills (docs/drills.md).
 
 Exit codes follow docs/cli.md: 0 valid (or the drill passed), 1 the drill failed its
-budgets, 2 invalid input (every problem printed, ``file:line: path: message (hint)``).
-Running drills needs the data plane; ``judge`` works on a recorded JSONL file.
+budgets, 2 invalid input (every problem printed, ``file:line: path: message (hint)``),
+3 unavailable (``run``: the federation did not start, or ``--attach`` found no live run).
+``run`` starts the drill's federation (``meshfed up``'s machinery) or attaches to one;
+``judge`` works on a recorded JSONL file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from federation.config.errors import ConfigError
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
+EXIT_UNAVAILABLE = 3
 #: The drill library shipped with meshfed.
 DRILLS_DIR = Path(__file__).resolve().parents[2] / "chaos" / "drills"
 
@@ -107,4 +110,59 @@ def judge(
         f"report in {written['md']}"
     )
     if not verdict.passed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="Drill file to run.")],
+    report: Annotated[
+        Path | None,
+        typer.Option("--report", help="Folder for the reports (default drill-report/NAME)."),
+    ] = None,
+    attach: Annotated[
+        Path | None,
+        typer.Option("--attach", help="Run against the `meshfed up` in this run dir instead."),
+    ] = None,
+    short: Annotated[
+        bool, typer.Option("--short", help="CI form: times x0.5, rates x0.5, same budgets.")
+    ] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the run dir of the federation.")
+    ] = False,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Run dir for the federation it starts.")
+    ] = None,
+) -> None:
+    """Run a drill against a live federation; verdicts + reports (exit 1 if a budget failed)."""
+    import trio
+
+    from chaos.launch import LaunchError
+    from chaos.runner import DrillRefused, RunOptions, run_drill
+
+    loaded = _load(file)
+    out = report or Path("drill-report") / loaded.drill.name
+    opts = RunOptions(report_dir=out, attach=attach, short=short, keep=keep, run_dir=run_dir)
+    how = f"attaching to {attach}" if attach else "starting the federation"
+    typer.echo(
+        f"{loaded.drill.name}: {how}{' (short form)' if short else ''}",
+        err=True,
+    )
+    try:
+        outcome = trio.run(run_drill, loaded, opts)
+    except DrillRefused as exc:
+        typer.echo(f"meshfed: {exc}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    except LaunchError as exc:
+        typer.echo(f"meshfed: {exc}", err=True)
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    for notice in outcome.notices:
+        typer.echo(f"notice: {notice}")
+    for v in outcome.judgement.verdicts:
+        typer.echo(f"{'pass' if v.passed else 'FAIL'}  {v.budget}: {v.explanation}")
+    typer.echo(
+        f"{outcome.drill.name}: {'PASSED' if outcome.passed else 'FAILED'}; "
+        f"report in {outcome.files['md']}"
+    )
+    if not outcome.passed:
         raise typer.Exit(EXIT_FAILED)
