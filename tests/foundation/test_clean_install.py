@@ -7,6 +7,7 @@ pip resolves today (about 15 s here, from pip's cache).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import venv
 from pathlib import Path
@@ -38,11 +39,20 @@ trio.run(main)
 
 @pytest.mark.etcd
 def test_pip_install_into_a_fresh_venv_then_etcd_round_trip(tmp_path, etcd_server):
+    # Build from a copy: setuptools writes build/ next to the sources it builds.
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                      ".mypy_cache", ".ruff_cache", ".pytest_cache", "chaos"),
+    )
+    shutil.copytree(ROOT / "chaos", src / "chaos", ignore=shutil.ignore_patterns("reports"))
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
     install = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT)],
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(src)],
         capture_output=True,
         text=True,
         timeout=900,
