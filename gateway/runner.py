@@ -14,22 +14,34 @@ race. Listeners:
 
 :meth:`Gateway.stop` is the graceful shutdown (BAD_INPUTS 31): listeners close,
 every tunnel connection gets a GOAWAY, relays get ``drain_timeout`` to finish,
-then the rest are cut. :meth:`Gateway.rotate` installs a new SVID: new handshakes
-use it at once, connections made with the old one drain (GOAWAY) so new streams
-go to new connections.
+then the rest are cut. :meth:`Gateway.rotate` installs a new SVID and/or roots: new
+handshakes use them at once, connections made with the old ones drain (GOAWAY) so
+new streams go to new connections.
+
+Identity (docs/gateway.md "Identity"): with ``renew`` the gateway runs a
+:class:`~trust.rotation.SvidRotator` on its :class:`TlsContextHolder` (the CLI's
+``renew`` is a CSR to the agent, :func:`federation.bootstrap.agent_renewer`); every
+renewal drains the tunnel connections made with the old certificate. With ``source``
+(the agent's :class:`~federation.catalog_client.CatalogClient` or a followed
+:class:`~sidecar.runner.StaticCatalog`) it applies every new catalog's trust bundles
+through a :class:`~trust.bundle.BundleKeeper` (rollbacks and foreign roots refused,
+the last good bundle kept), so a CA rotation anywhere reaches peer validation
+without a restart.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from federation.bootstrap import catalog_bundle_update
 from federation.catalog import Catalog
 from federation.config.model import Cluster, GatewayProbeSettings
 from federation.model import Locality
@@ -52,9 +64,16 @@ from gateway.tunnel import (
 )
 from sidecar.relay import RelayStats, relay
 from sidecar.sni import BadSni, MeshSni
+from trust.bundle import BundleKeeper
+from trust.bundle import Refused as BundleRefused
+from trust.errors import TlsConfigError
+from trust.rotation import RenewalSchedule, SvidRotator
 from trust.svid import Svid
 from trust.tls import TlsContextHolder
 from trust.validate import TrustBundleSet
+
+if TYPE_CHECKING:
+    from sidecar.runner import CatalogSource
 
 __all__ = ["BoundPorts", "Gateway", "GatewayOptions", "refusal_status"]
 
@@ -102,6 +121,8 @@ class GatewayOptions:
     """Override ``settings.gateway_probe``."""
     drain_timeout: float = 10.0
     """On stop: how long live connections may finish."""
+    renewal: RenewalSchedule | None = None
+    """When to renew the SVID (with ``renew``); default :class:`RenewalSchedule`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +147,8 @@ class Gateway:
         options: GatewayOptions | None = None,
         rng: random.Random | None = None,
         now_fn: Callable[[], dt.datetime] = _utc_now,
+        source: CatalogSource | None = None,
+        renew: Callable[[], Awaitable[Svid]] | None = None,
     ) -> None:
         self.cluster = cluster
         self.options = options or GatewayOptions()
@@ -154,6 +177,19 @@ class Gateway:
         )
         self.relay_stats = RelayStats()
         self.server_connections: set[TunnelConnection] = set()
+        self.source = source
+        """Followed for trust bundles (``catalog_fn`` is what routing reads)."""
+        self.keeper = BundleKeeper(on_refusal=self._on_bundle_refused)
+        self.rotator: SvidRotator | None = None
+        if renew is not None:
+            self.rotator = SvidRotator(
+                tls,
+                renew,
+                rng=random.Random(self.rng.random()),
+                schedule=self.options.renewal,
+                now_fn=now_fn,
+                on_renewed=self._on_renewed,
+            )
         self.ports: BoundPorts | None = None
         self._stop = trio.Event()
         self._listening = False
@@ -182,7 +218,13 @@ class Gateway:
             "modes": list(self.modes),
             "ready": self.ready(),
             "svid": str(self.tls.svid.spiffe_id),
+            "svid_not_after": self.tls.svid.not_after.isoformat(),
             "svid_generation": self.tls.generation,
+            "svid_renewal": self._renewal_stats(),
+            "trust_domains": sorted(td.name for td in self.tls.bundles),
+            "bundle_refusals": {
+                f"{td}/{reason}": n for (td, reason), n in self.keeper.refusal_counts().items()
+            },
             "catalog_version": None if catalog is None else [catalog.epoch, catalog.version],
             "healthy_endpoints": healthy,
             "peer_alive": alive,
@@ -210,14 +252,78 @@ class Gateway:
         self._stop.set()
 
     def rotate(self, svid: Svid | None = None, bundles: TrustBundleSet | None = None) -> None:
-        """New SVID and/or bundles: new handshakes use them, old connections drain."""
-        self.tls.update(svid=svid, bundles=bundles)
+        """New SVID and/or bundles: new handshakes use them, old connections drain.
+
+        Raises TlsConfigError (and changes nothing) if the contexts cannot be built.
+        Without arguments it only drains connections made before the holder's last
+        update (the :class:`SvidRotator` updates the holder itself).
+        """
+        if svid is not None or bundles is not None:
+            self.tls.update(svid=svid, bundles=bundles)
         drained = self.pool.rotate()
         for conn in list(self.server_connections):
-            if conn.generation != self.tls.generation:
+            if conn.generation != self.tls.generation and not conn.protocol.draining:
                 conn.drain()
                 drained += 1
-        log.info("certificate rotated", extra={"event": "rotated", "drained": drained})
+        log.info(
+            "certificate rotated",
+            extra={
+                "event": "rotated",
+                "drained": drained,
+                "generation": self.tls.generation,
+                "svid_not_after": self.tls.svid.not_after.isoformat(),
+                "trust_domains": sorted(td.name for td in self.tls.bundles),
+            },
+        )
+
+    def apply_bundles(self, catalog: Catalog) -> bool:
+        """Offer ``catalog``'s trust bundles; on a change install them (old tunnel
+        connections drain: every live tunnel was authenticated against roots in force).
+        True if the roots in force changed."""
+        merged = catalog_bundle_update(self.keeper, self.tls.bundles, catalog.bundles)
+        if merged is None:
+            return False
+        try:
+            self.rotate(bundles=merged)
+        except TlsConfigError as exc:
+            log.warning("bundles refused", extra={"event": "bundles_refused", "detail": str(exc)})
+            return False
+        return True
+
+    def _on_renewed(self, svid: Svid) -> None:
+        # The rotator has put the new SVID in the holder: drain what the old one made.
+        self.rotate()
+
+    def _on_bundle_refused(self, refused: BundleRefused) -> None:
+        log.warning(
+            "bundle refused",
+            extra={
+                "event": "bundle_refused",
+                "trust_domain": refused.trust_domain.name,
+                "reason": refused.reason,
+                "detail": refused.detail,
+            },
+        )
+
+    def _renewal_stats(self) -> dict[str, Any] | None:
+        if self.rotator is None:
+            return None
+        st = self.rotator.statistics()
+        return {
+            "renewals": st.renewals,
+            "failures": st.failures,
+            "consecutive_failures": st.consecutive_failures,
+            "next_attempt_at": st.next_attempt_at and st.next_attempt_at.isoformat(),
+            "last_error": st.last_error,
+        }
+
+    async def _follow_catalog(self, source: CatalogSource) -> None:
+        current = source.catalog
+        if current is not None:
+            self.apply_bundles(current)
+        while True:
+            current = await source.wait_for(functools.partial(_is_not, current))
+            self.apply_bundles(current)
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -340,6 +446,10 @@ class Gateway:
             ad[0].socket.getsockname()[1],
         )
         async with trio.open_nursery() as nursery:
+            if self.source is not None:
+                nursery.start_soon(self._follow_catalog, self.source)
+            if self.rotator is not None:
+                await nursery.start(self.rotator.run)
             await nursery.start(self.pool.run)
             await nursery.start(self.prober.run)
             nursery.start_soon(serve_admin, self, ad)
@@ -378,3 +488,7 @@ class Gateway:
                         await conn.wait_closed()
                 conns.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
+
+
+def _is_not(held: Catalog | None, candidate: Catalog) -> bool:
+    return candidate is not held

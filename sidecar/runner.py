@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import trio
 
+from federation.bootstrap import catalog_bundle_update
 from federation.catalog import Catalog
 from federation.config.model import FederationConfig, Service, ServicePort, Subset, Workload
 from federation.config.scalars import ServiceRef
@@ -63,7 +64,7 @@ from trust.errors import RevocationError, TlsConfigError
 from trust.revocation import Revocation, RevocationSet
 from trust.spiffe import TrustDomain, workload_id
 from trust.tls import DEFAULT_HANDSHAKE_TIMEOUT, TlsContextHolder
-from trust.validate import TrustBundleSet, VerifiedPeer
+from trust.validate import VerifiedPeer
 
 __all__ = ["CatalogSource", "Sidecar", "SidecarOptions", "StaticCatalog", "health_config_from"]
 
@@ -401,21 +402,11 @@ class Sidecar:
         log_event("catalog_applied", version=catalog.version, epoch=catalog.epoch)
 
     def _apply_bundles(self, docs: Mapping[str, bytes]) -> None:
-        changed = False
-        for td_name, raw in docs.items():
-            try:
-                td = TrustDomain(td_name)
-            except ValueError:
-                continue
-            result = self.keeper.offer_json(td, raw)
-            changed = changed or (not isinstance(result, Refused) and result.changed)
-        if not changed:
+        merged = catalog_bundle_update(self.keeper, self.holder.bundles, docs)
+        if merged is None:
             return
-        # Domains the catalog does not (yet) carry keep the roots we started with.
-        merged = dict(self.holder.bundles.roots_by_domain)
-        merged.update(self.keeper.bundle_set().roots_by_domain)
         try:
-            self.holder.update(bundles=TrustBundleSet(merged))
+            self.holder.update(bundles=merged)
         except TlsConfigError as exc:
             log_event("bundles_refused", detail=str(exc))
             return

@@ -21,11 +21,10 @@ import random
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated
 
 import trio
 import typer
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.config import ConfigError, load_config
 from federation.model import RecordError
@@ -34,7 +33,7 @@ from sidecar.runner import CatalogSource, Sidecar, SidecarOptions, StaticCatalog
 from trust.bundle import TrustBundle
 from trust.errors import BundleError, TrustError
 from trust.spiffe import TrustDomain, agent_id, workload_id
-from trust.svid import Svid, make_csr
+from trust.svid import Svid
 from trust.tls import TlsContextHolder
 from trust.validate import TrustBundleSet
 
@@ -168,23 +167,16 @@ def run(
                 raise _fail(2, f"{svid_dir}: {exc}") from None
             if svid.spiffe_id != my_id:
                 raise _fail(2, f"{svid_dir}/svid.crt is {svid.spiffe_id}, workload needs {my_id}")
-        key = ec.generate_private_key(ec.SECP256R1())
         if join_token is not None:
-            # The bootstrap request uses no client certificate, so the holder is never read.
-            boot = CatalogClient(
-                agent_host,
-                agent_port,
-                cast(TlsContextHolder, None),
-                lambda: bundles,
-                agent_id(td),
-                None,
-            )
+            from federation.bootstrap import first_svid
+
             try:
-                chain = await boot.request_svid(make_csr(key, my_id), join_token)
+                svid = await first_svid(
+                    agent_host, agent_port, bundles, agent_id(td), my_id, join_token
+                )
             except Exception as exc:  # AgentUnavailable or RequestRefused: both end the start
                 msg = f"first SVID from the agent at {agent_host}:{agent_port}: {exc}"
                 raise _fail(3, msg) from None
-            svid = Svid.from_certificates(chain, key)
         holder = TlsContextHolder(svid, bundles)
         client: CatalogClient | None = None
         feed: CatalogSource
@@ -202,17 +194,13 @@ def run(
             feed = client
         sidecar = Sidecar(cfg, qualified, holder, feed, options=options)
 
-        async def renew() -> Svid:
-            assert client is not None
-            new_key = ec.generate_private_key(ec.SECP256R1())
-            chain = await client.request_svid(make_csr(new_key, my_id))
-            return Svid.from_certificates(chain, new_key)
-
         async with trio.open_nursery() as nursery:
             if client is not None:
                 await nursery.start(client.run)
+                from federation.bootstrap import agent_renewer
                 from trust.rotation import SvidRotator
 
+                renew = agent_renewer(client, my_id)
                 nursery.start_soon(SvidRotator(holder, renew, rng=random.Random()).run)
             elif catalog is not None and source is not None:
                 nursery.start_soon(source.follow_file, catalog)

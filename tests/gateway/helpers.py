@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from pathlib import Path
 
+from federation import keys
 from federation.catalog import Catalog
+from federation.config.loader import load_config
+from federation.config.model import FederationConfig
 from federation.model import (
     ClusterRecord,
     EndpointRecord,
+    Entry,
     ExportRecord,
     GatewayRecord,
     Locality,
     ServicePort,
 )
+from trust.bundle import TrustBundle
 from trust.ca import CertificateAuthority
 from trust.spiffe import TrustDomain, gateway_id, workload_id
 from trust.svid import Svid, issue_svid
@@ -118,3 +124,39 @@ def bundle_set(authorities: dict[str, CertificateAuthority]) -> TrustBundleSet:
 
 def gateway_svid(ca: CertificateAuthority) -> Svid:
     return issue_svid(ca, gateway_id(ca.trust_domain), NOW, dt.timedelta(hours=1))
+
+
+def bundle_doc(ca_roots: tuple[CertificateAuthority, ...], sequence: int) -> bytes:
+    """A SPIFFE bundle document of the (one) trust domain of ``ca_roots``, all their roots."""
+    td_ = ca_roots[0].trust_domain
+    return TrustBundle(td_, tuple(ca.root for ca in ca_roots), sequence).to_json().encode()
+
+
+def catalog_with_bundles(
+    local: str, records: Iterable[Record], bundles: dict[str, bytes], version: int = 1
+) -> Catalog:
+    """:func:`catalog` plus the trust-bundle entries the agent publishes (by trust domain)."""
+    entries: dict[str, Entry] = {r.key(): r for r in records}
+    entries.update({keys.bundle(name): doc for name, doc in bundles.items()})
+    return Catalog(epoch="e1", version=version, local_cluster=local, entries=entries, last_seen={})
+
+
+def write_gateway_config(
+    path: Path, clusters: dict[str, str], trust_domains: dict[str, str] | None = None
+) -> FederationConfig:
+    """A config of ``clusters`` (name -> loopback host), tunnel+passthrough gateways."""
+    lines = ["version: 1", "federation:", "  name: test", "clusters:"]
+    for i, (c, host) in enumerate(clusters.items()):
+        lines += [
+            f"  - name: {c}",
+            f"    cloud: cloud-{c}",
+            f"    region: region-{c}",
+            f"    zones: [{ZONES.get(c, 'z1')}]",
+            f"    trust_domain: {(trust_domains or {}).get(c, td(c))}",
+            f"    gateway: {{address: {host}, tunnel_port: {21000 + i}, "
+            f"passthrough_port: {21100 + i}, admin_port: {21200 + i}, "
+            "modes: [tunnel, passthrough]}",
+            f"    agent: {{address: {host}, catalog_port: {21300 + i}, admin_port: {21400 + i}}}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return load_config(path)

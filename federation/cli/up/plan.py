@@ -285,7 +285,7 @@ def build_plan(
                 argv=(
                     *mf, "gateway", "run", "--config", config, "--cluster", c.name,
                     "--state-dir", str(layout.gateway_state(c.name)),
-                    "--svid-dir", str(layout.gateway_svid(c.name)),
+                    "--bundles", str(layout.bundles),
                     "--agent", f"{c.agent.address}:{c.agent.catalog_port}",
                 ),
                 ready="http",
@@ -293,6 +293,8 @@ def build_plan(
                 admin=admin,
                 cluster=c.name,
                 zone=None,
+                join_spiffe_id=gateway_spiffe_id(cfg, c.name),
+                agent_state_dir=str(layout.agent_state(c.name)),
             )
         )  # fmt: skip
     for w in cfg.workloads:

@@ -1,8 +1,8 @@
 """Everything ``up`` writes before it starts a process: the run directory, the
 port-shifted config (and its per-cluster copies), one CA per trust domain
-(``meshfed trust init``'s code), every trust bundle, gateway SVIDs
-(``meshfed trust issue``'s code: the gateway CLI takes only files), and the
-traffic plan. Blocking file work, run before trio starts.
+(``meshfed trust init``'s code), every trust bundle, and the traffic plan
+(gateways and sidecars get their SVIDs from their agents with join tokens).
+Blocking file work, run before trio starts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from federation.cli.up.ports import ExtraPorts
 from federation.config.loader import load_config
 from federation.config.model import FederationConfig
 from trust.rotation import CaDirectory
-from trust.spiffe import SpiffeId, TrustDomain
+from trust.spiffe import TrustDomain
 
 __all__ = ["default_run_dir", "make_run_dir", "write_configs", "write_traffic_plan", "write_trust"]
 
@@ -74,30 +74,16 @@ def write_configs(
 
 
 def write_trust(cfg: FederationConfig, layout: Layout, now: dt.datetime) -> dict[str, Any]:
-    """CAs, bundles and gateway SVIDs; returns ``{cluster: {spiffe_id, not_after}}``."""
+    """CAs and bundles; returns ``{cluster: {spiffe_id}}`` of the gateways, which get their
+    SVIDs from their agents with a join token (like sidecars) and renew them there."""
     layout.bundles.mkdir(mode=0o700)
     domains = sorted({c.trust_domain for c in cfg.clusters})
-    cas: dict[str, CaDirectory] = {}
     for td in domains:
         ca = CaDirectory.init(layout.ca_dir(td), TrustDomain.parse(td), now)
-        cas[td] = ca
         (layout.bundles / f"{td}.json").write_text(ca.bundle().to_json())
-    svids: dict[str, Any] = {}
-    ttl = dt.timedelta(seconds=cfg.federation.settings.svid_ttl)
-    for c in cfg.clusters:
-        d = layout.gateway_svid(c.name)
-        d.mkdir(parents=True, mode=0o700)
-        sid = gateway_spiffe_id(cfg, c.name)
-        svid = cas[c.trust_domain].issue(SpiffeId.parse(sid), now, ttl)
-        fd = os.open(d / "svid.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(svid.key_pem())
-        (d / "svid.crt").write_bytes(svid.chain_pem())
-        shutil.copytree(layout.bundles, d / "bundles")
-        svids[c.name] = {"spiffe_id": sid, "not_after": svid.not_after.isoformat()}
     for c in cfg.clusters:
         layout.agent_state(c.name).mkdir(parents=True, mode=0o700)
-    return svids
+    return {c.name: {"spiffe_id": gateway_spiffe_id(cfg, c.name)} for c in cfg.clusters}
 
 
 def write_traffic_plan(plan: Plan, layout: Layout) -> None:
