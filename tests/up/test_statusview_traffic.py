@@ -300,3 +300,18 @@ def test_grafana_dashboard_uses_only_metrics_that_exist() -> None:
     missing = sorted(n for n in used if f'"{n}"' not in sources)
     assert missing == []
     assert {n.split("_")[1] for n in used} == {"agent", "gateway", "sidecar", "traffic"}
+
+
+def test_a_gateway_that_renews_through_its_agent_reports_its_own_expiry() -> None:
+    payloads = dict(PAYLOADS)
+    payloads["gateway/aws-use1"] = Payload(
+        data={
+            "ready": True,
+            "peer_alive": {},
+            "svid": GW_ID,
+            "svid_not_after": "2026-03-01T13:00:00+00:00",
+        }
+    )
+    view = build_view(MANIFEST, payloads, NOW)
+    certs = {c.owner: c.expires_in for c in view.certs}
+    assert certs["gateway/aws-use1"] == 3600.0  # live /stats beats the manifest's 300 s

@@ -290,8 +290,12 @@ def build_view(
         if c["kind"] == "sidecar" and p is not None and isinstance(p.data, dict):
             sid, not_after = p.data.get("spiffe_id"), p.data.get("svid_not_after")
         elif c["kind"] == "gateway":
+            # Gateways renew through their agent: their /stats is the live answer; the
+            # manifest (certificates issued from files by older runs) is the fallback.
             svid = (manifest.get("gateway_svids") or {}).get(c.get("cluster"), {})
             sid, not_after = svid.get("spiffe_id"), svid.get("not_after")
+            if p is not None and isinstance(p.data, dict) and p.data.get("svid_not_after"):
+                sid, not_after = p.data.get("svid") or sid, p.data["svid_not_after"]
         t = _parse_time(not_after)
         if sid and t is not None:
             left = (t - now).total_seconds()
