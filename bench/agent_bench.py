@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/agent_bench.py                 # full: 1000 changes, 10x1000x10
     .venv/bin/python bench/agent_bench.py --short         # 300 changes, 10x100x10
+    .venv/bin/python bench/agent_bench.py --part propagation-etcd --json   # what bench.run runs
 
 Propagation: a write into cluster A's endpoint keys (``store.put`` of a new
 port) until cluster C's CatalogSource (the agent's importer: watch ->
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import platform
 import statistics
 import sys
@@ -185,34 +187,45 @@ async def full_sync(store: Store, label: str) -> dict[str, object]:
     return out
 
 
+PARTS = ("propagation-embedded", "propagation-etcd", "full-sync")
+"""What ``--part`` selects (default: all three, in this order)."""
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
+    parts = args.part or list(PARTS)
     results: dict[str, object] = {}
-    async with open_store("memory://") as mem:
-        results["embedded_propagation"] = await propagation(mem, args.changes)
+    if "propagation-embedded" in parts:
+        async with open_store("memory://") as mem:
+            results["embedded_propagation"] = await propagation(mem, args.changes)
+    if "propagation-etcd" not in parts and "full-sync" not in parts:
+        return results
     with tempfile.TemporaryDirectory() as tmp:
         server = EtcdServer.launch(Path(tmp))
         try:
             async with open_store(server.url) as store:
-                results["etcd_propagation"] = await propagation(store, args.changes)
-                await store.delete_prefix(keys.ROOT)
-                items = dataset(args.services)
-                results["records"] = len(items)
-                results["etcd_bulk_load_s"] = await trio.to_thread.run_sync(
-                    bulk_load_etcd, server.endpoint, items
-                )
-                results.update(await full_sync(store, "etcd"))
-                took, n = await trio.to_thread.run_sync(raw_range_etcd, server.endpoint)
-                results["etcd_raw_range_unlimited_s"] = took
-                results["etcd_raw_range_keys"] = n
+                if "propagation-etcd" in parts:
+                    results["etcd_propagation"] = await propagation(store, args.changes)
+                    await store.delete_prefix(keys.ROOT)
+                if "full-sync" in parts:
+                    items = dataset(args.services)
+                    results["records"] = len(items)
+                    results["etcd_bulk_load_s"] = await trio.to_thread.run_sync(
+                        bulk_load_etcd, server.endpoint, items
+                    )
+                    results.update(await full_sync(store, "etcd"))
+                    took, n = await trio.to_thread.run_sync(raw_range_etcd, server.endpoint)
+                    results["etcd_raw_range_unlimited_s"] = took
+                    results["etcd_raw_range_keys"] = n
         finally:
             server.kill()
-    # The same Reset from the embedded store (no gRPC message-size limit in the way).
-    async with open_store("memory://") as mem:
-        t0 = time.perf_counter()
-        for k, v in dataset(args.services):
-            await mem.put(k, v)
-        results["embedded_load_s"] = time.perf_counter() - t0
-        results.update(await full_sync(mem, "embedded"))
+    if "full-sync" in parts:
+        # The same Reset from the embedded store (no gRPC message-size limit in the way).
+        async with open_store("memory://") as mem:
+            t0 = time.perf_counter()
+            for k, v in dataset(args.services):
+                await mem.put(k, v)
+            results["embedded_load_s"] = time.perf_counter() - t0
+            results.update(await full_sync(mem, "embedded"))
     return results
 
 
@@ -221,10 +234,16 @@ if __name__ == "__main__":
     ap.add_argument("--short", action="store_true")
     ap.add_argument("--changes", type=int)
     ap.add_argument("--services", type=int)
+    ap.add_argument("--part", action="append", choices=PARTS, help="repeatable; default all")
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout (bench.run)")
     a = ap.parse_args()
     a.changes = a.changes or (300 if a.short else 1000)
     a.services = a.services or (100 if a.short else 1000)
+    res = trio.run(main, a)
+    if a.json:
+        print(json.dumps(res))
+        sys.exit(0)
     print(f"# {platform.node()} {platform.processor() or platform.machine()} "
           f"python {platform.python_version()} changes={a.changes} services/cluster={a.services}")
-    for k, v in trio.run(main, a).items():
+    for k, v in res.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")

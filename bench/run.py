@@ -11,7 +11,11 @@ machine hits all of them alike. Writes ``comparison.md`` and ``comparison.json``
 directory unless ``--out-dir`` is given). Exit status: 0 if every available
 topology ran every scenario, 1 if some run failed (the report says which).
 
-Scenarios: idle, bulk_1, bulk_16, rr_max, rr_pingpong, rr_latency, connect, http_wrk.
+Data-plane scenarios (per topology): idle, bulk_1, bulk_16, rr_max, rr_pingpong,
+rr_latency, connect, http_wrk. Control-plane scenarios (once per round, not per
+topology; ``bench/agent_bench.py`` in a subprocess with its own etcd):
+propagation_etcd, propagation_embedded, full_sync. ``--smoke`` shrinks them too
+(50 changes, 10 x 10 x 10 records) to keep CI short.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import json
 import shlex
 import signal
 import sys
@@ -28,9 +33,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.harness import report
+from bench.harness.control import CONTROL
 from bench.harness.loadgen import Backend
 from bench.harness.pki import mint
-from bench.harness.scenarios import FULL, SCENARIOS, SMOKE
+from bench.harness.scenarios import FULL, SCENARIOS, SMOKE, quiesce, role_rss
 from bench.harness.topology import (
     Driver,
     Running,
@@ -48,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.run", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument(
-        "scenarios", nargs="*", metavar="SCENARIO", help=f"default: all of {list(SCENARIOS)}"
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"default: all of {list(SCENARIOS) + list(CONTROL)}",
     )
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5; smoke 1)")
     parser.add_argument(
@@ -61,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="one short round, to check it works")
     parser.add_argument("--duration", type=float, default=None, help="seconds of load per run")
     parser.add_argument("--out-dir", type=Path, default=None, help=f"default {DEFAULT_OUT}")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: rewrite the .md (and .json) of a recorded comparison.json",
+    )
     return parser
 
 
@@ -72,10 +88,18 @@ def run(argv: Sequence[str]) -> int:
     """Parse ``argv``, run the benchmark, write the report; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(list(argv))
-    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if args.render is not None:
+        recorded = report.from_json(json.loads(args.render.read_text()))
+        md, js = report.write(recorded, args.out_dir or args.render.parent)
+        _log(f"re-rendered {md} and {js} from {args.render}")
+        return 0
+    known = list(SCENARIOS) + list(CONTROL)
+    unknown = [s for s in args.scenarios if s not in known]
     if unknown:
-        parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
-    scenario_names = list(args.scenarios) or list(SCENARIOS)
+        parser.error(f"unknown scenario(s) {unknown}; choose from {known}")
+    chosen = list(args.scenarios) or known
+    scenario_names = [n for n in chosen if n in SCENARIOS]
+    control_names = [n for n in chosen if n in CONTROL]
     drivers: list[Driver] = all_drivers()
     if args.topologies:
         names = [d.name for d in drivers]
@@ -95,6 +119,7 @@ def run(argv: Sequence[str]) -> int:
         rounds=rounds,
         settings=settings,
         scenarios=scenario_names,
+        control_scenarios=control_names,
         topologies=[
             report.TopologyRecord(d.name, d.system, str(d.shape), "unavailable") for d in drivers
         ],
@@ -104,6 +129,14 @@ def run(argv: Sequence[str]) -> int:
     for name in scenario_names:
         if why := SCENARIOS[name].unavailable():
             comparison.skipped_scenarios[name] = why
+    for name in control_names:
+        if why := CONTROL[name].unavailable():
+            comparison.skipped_scenarios[name] = why
+    if not scenario_names:
+        drivers = []
+        comparison.topologies = []
+    active_control = [n for n in control_names if n not in comparison.skipped_scenarios]
+    comparison.load.append(report.load_sample("start"))
     active = [n for n in scenario_names if n not in comparison.skipped_scenarios]
     records = {r.name: r for r in comparison.topologies}
     ok = True
@@ -122,8 +155,12 @@ def run(argv: Sequence[str]) -> int:
                 wd = work / d.name
                 wd.mkdir()
                 try:
-                    started.append((d, d.start(StartContext(wd, backend.port, pki))))
+                    running = d.start(StartContext(wd, backend.port, pki))
+                    started.append((d, running))
                     rec.status = "measured"
+                    if settings.settle:
+                        quiesce(running)
+                    rec.start_rss = role_rss(running)
                 except TopologyError as exc:
                     rec.status, rec.note, ok = "failed", f"failed to start: {exc}", False
                     _log(f"{d.name}: {rec.note}")
@@ -139,15 +176,36 @@ def run(argv: Sequence[str]) -> int:
                             ok = False
                             _log(f"round {r + 1} {name:10} {d.name:20} FAILED: {exc}")
                             continue
+                        values["drain_s"] = quiesce(running) if settings.settle else float("nan")
                         rec.add(name, values)
                         head = SCENARIOS[name].metrics[0]
                         _log(
                             f"round {r + 1}/{rounds} {name:10} {d.name:20} "
                             f"{values.get(head.key, float('nan')):12,.1f} {head.unit}"
-                            f"  ({time.monotonic() - t0:.1f} s)"
+                            f"  ({time.monotonic() - t0:.1f} s, drained {values['drain_s']:.1f} s)"
                         )
+                for name in active_control:
+                    t0 = time.monotonic()
+                    try:
+                        values = CONTROL[name].run(settings)
+                    except (OSError, RuntimeError, ValueError) as exc:
+                        comparison.control_failures.append(f"round {r + 1} {name}: {exc}")
+                        ok = False
+                        _log(f"round {r + 1} {name:20} FAILED: {exc}")
+                        continue
+                    per = comparison.control.setdefault(name, {})
+                    for key, value in values.items():
+                        per.setdefault(key, []).append(value)
+                    head = CONTROL[name].metrics[0]
+                    _log(
+                        f"round {r + 1}/{rounds} {name:20} {head.title} "
+                        f"{values.get(head.key, float('nan')):,.3f} {head.unit}"
+                        f"  ({time.monotonic() - t0:.1f} s)"
+                    )
+                comparison.load.append(report.load_sample(f"after round {r + 1}"))
         finally:
-            for _, running in started:
+            for d, running in started:
+                records[d.name].path = running.path_evidence()
                 running.stop()
             backend.stop()
     md, js = report.write(comparison, out_dir)

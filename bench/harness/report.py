@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from bench.harness.scenarios import SCENARIOS, Settings, median
+from bench.harness.control import CONTROL
+from bench.harness.scenarios import QUIET_WINDOW, SCENARIOS, Settings, median
 
 Samples = dict[str, dict[str, list[float]]]
 """scenario -> metric -> one value per round."""
@@ -36,6 +37,10 @@ class TopologyRecord:
     samples: Samples = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     """One line per scenario run that raised (the run is left out of the figures)."""
+    path: dict[str, str] = field(default_factory=dict)
+    """Per gateway process, what its relay counters say it carried (after the rounds)."""
+    start_rss: dict[str, float] = field(default_factory=dict)
+    """RSS MiB by role once started and quiet, before any load (fresh idle)."""
 
     def add(self, scenario: str, values: dict[str, float]) -> None:
         per = self.samples.setdefault(scenario, {})
@@ -58,9 +63,25 @@ class Comparison:
     machine: dict[str, str]
     started: str
     skipped_scenarios: dict[str, str] = field(default_factory=dict)
+    control_scenarios: list[str] = field(default_factory=list)
+    control: Samples = field(default_factory=dict)
+    """Control-plane scenario -> metric -> one value per round."""
+    control_failures: list[str] = field(default_factory=list)
+    load: list[str] = field(default_factory=list)
+    """``/proc/loadavg`` samples: at the start and after every round."""
 
     def by_name(self, name: str) -> TopologyRecord | None:
         return next((t for t in self.topologies if t.name == name and t.samples), None)
+
+
+def load_sample(label: str) -> str:
+    """``label: 1/5/15-minute load averages`` from ``/proc/loadavg``."""
+    try:
+        with open("/proc/loadavg") as f:
+            one, five, fifteen = f.read().split()[:3]
+    except (OSError, ValueError):
+        return f"{label}: unknown"
+    return f"{label}: {one} {five} {fifteen}"
 
 
 def machine_facts(envoy_version: str | None) -> dict[str, str]:
@@ -129,10 +150,109 @@ SUMMARY: Final = (
     ("rr_latency", "p99_us", "p99 µs @ fixed rate"),
     ("connect", "conn_per_s", "new conn/s"),
     ("idle", "rss_mib", "RSS idle MiB"),
+    ("idle", "rss_sidecar_mib", "RSS idle per sidecar MiB"),
     ("rr_max", "rss_load_mib", "RSS load MiB"),
     ("rr_max", "proxy_cpu_s_per_1k", "proxy CPU s / 1k req"),
     ("http_wrk", "req_per_s", "wrk HTTP/1.1 req/s"),
 )
+
+
+MB_PER_MIB: Final = 1024 * 1024 / 1e6
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal of the benchmark issue, evaluated from the medians of this run."""
+
+    goal: str
+    measured: str
+    met: bool | None
+    """None when something needed was not measured."""
+    margin: str
+
+
+def _added(c: Comparison, name: str, metric: str) -> float:
+    t, d = c.by_name(name), c.by_name("direct")
+    if t is None or d is None:
+        return float("nan")
+    return t.med("rr_latency", metric) - d.med("rr_latency", metric)
+
+
+def goals(c: Comparison) -> list[Goal]:
+    """The issue's goals, from this run's medians (nothing here is a recorded figure)."""
+    out: list[Goal] = []
+    mp, ep = c.by_name("meshfed-passthrough"), c.by_name("envoy-passthrough")
+    for sc in ("bulk_1", "bulk_16"):
+        m = mp.med(sc, "mb_per_s") if mp else float("nan")
+        e = ep.med(sc, "mb_per_s") if ep else float("nan")
+        ok = None if math.isnan(m) or math.isnan(e) else m >= e
+        out.append(
+            Goal(
+                f"passthrough bulk ({sc}) >= Envoy's",
+                f"meshfed {_fmt(m)} MB/s vs Envoy {_fmt(e)} MB/s ({_ratio(m, e)})",
+                ok,
+                "-" if ok is None else ("met" if ok else f"missed: {(1 - m / e) * 100:.0f}% short"),
+            )
+        )
+    for shape in ("pair", "passthrough", "tunnel"):
+        for metric in ("p50_us", "p99_us"):
+            m, e = _added(c, f"meshfed-{shape}", metric), _added(c, f"envoy-{shape}", metric)
+            ok = None if math.isnan(m) or math.isnan(e) or e <= 0 else m <= 1.5 * e
+            ratio = "-" if ok is None else f"{m / e:.1f}x"
+            out.append(
+                Goal(
+                    f"added latency {shape} {metric[:3]} (rr_latency) <= 1.5x Envoy's",
+                    f"meshfed +{_fmt(m)} µs vs Envoy +{_fmt(e)} µs ({ratio})",
+                    ok,
+                    "-"
+                    if ok is None
+                    else ("met" if ok else f"missed: {m / e:.2f}x of Envoy's, bound 1.5x"),
+                )
+            )
+    for name in ("propagation_etcd", "propagation_embedded"):
+        values = c.control.get(name, {}).get("p99_ms", [])
+        p99 = median(values)
+        ok = None if math.isnan(p99) else p99 < 50
+        worst = max((v for v in values if not math.isnan(v)), default=float("nan"))
+        out.append(
+            Goal(
+                f"{name} p99 < 50 ms",
+                f"p99 {_fmt(p99)} ms (worst round {_fmt(worst)} ms)",
+                ok,
+                "-" if ok is None else ("met" if ok else f"missed by {p99 - 50:.1f} ms"),
+            )
+        )
+    for t in c.topologies:
+        if t.system != "meshfed" or not t.samples:
+            continue
+        fresh = [v for role, v in t.start_rss.items() if role.endswith("sidecar")]
+        mib = max(fresh) if fresh else float("nan")
+        mb = mib * MB_PER_MIB
+        after = t.med("idle", "rss_sidecar_mib")
+        ok = None if math.isnan(mb) else mb < 40
+        out.append(
+            Goal(
+                f"idle sidecar RSS < 40 MB ({t.name}, largest sidecar)",
+                f"fresh {_fmt(mb)} MB ({_fmt(mib)} MiB); idle after load "
+                f"{_fmt(after * MB_PER_MIB)} MB (median)",
+                ok,
+                "-" if ok is None else ("met" if ok else f"missed by {mb - 40:.1f} MB (fresh)"),
+            )
+        )
+    return out
+
+
+def _samples_json(metrics: dict[str, list[float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, values in metrics.items():
+        clean = [v for v in values if not math.isnan(v)]
+        out[key] = {
+            "values": [None if math.isnan(v) else v for v in values],
+            "median": median(clean) if clean else None,
+            "min": min(clean) if clean else None,
+            "max": max(clean) if clean else None,
+        }
+    return out
 
 
 def to_json(c: Comparison) -> dict[str, Any]:
@@ -167,6 +287,8 @@ def to_json(c: Comparison) -> dict[str, Any]:
                 "status": t.status,
                 "note": t.note,
                 "failures": t.failures,
+                "path_evidence": t.path,
+                "start_rss_mib": t.start_rss,
                 "scenarios": scen,
             }
         )
@@ -178,7 +300,12 @@ def to_json(c: Comparison) -> dict[str, Any]:
         "scenarios": c.scenarios,
         "skipped_scenarios": c.skipped_scenarios,
         "machine": c.machine,
+        "load_average": c.load,
         "topologies": tops,
+        "control_scenarios": c.control_scenarios,
+        "control": {name: _samples_json(m) for name, m in c.control.items()},
+        "control_failures": c.control_failures,
+        "goals": [g.__dict__ for g in goals(c)],
     }
 
 
@@ -199,6 +326,8 @@ def to_markdown(c: Comparison) -> str:
         "[min-max] over the rounds. MB/s = 10^6 bytes/s.",
         "",
         *(f"- {k}: {v}" for k, v in c.machine.items()),
+        "- load average (1/5/15 min; the machine is shared, other work ran meanwhile): "
+        + ("; ".join(c.load) or "not sampled"),
         "",
         "## Summary",
         "",
@@ -236,15 +365,22 @@ def to_markdown(c: Comparison) -> str:
             "connections, 1 KiB each way, paced; latency from a request's send to its "
             "response's last byte): this topology minus direct.",
             "",
-            "| topology | added p50 µs | added p99 µs |",
-            "| --- | --- | --- |",
+            "| topology | added p50 µs | added p99 µs | p50 vs Envoy's added | "
+            "p99 vs Envoy's added |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for t in measured:
             if t is direct:
                 continue
-            p50 = t.med("rr_latency", "p50_us") - direct.med("rr_latency", "p50_us")
-            p99 = t.med("rr_latency", "p99_us") - direct.med("rr_latency", "p99_us")
-            lines.append(f"| {t.name} | {_fmt(p50)} | {_fmt(p99)} |")
+            p50, p99 = _added(c, t.name, "p50_us"), _added(c, t.name, "p99_us")
+            peer = _envoy_peer(c, t)
+            vs = ["-", "-"]
+            if peer is not None:
+                vs = [
+                    _ratio(p50, _added(c, peer.name, "p50_us")),
+                    _ratio(p99, _added(c, peer.name, "p99_us")),
+                ]
+            lines.append(f"| {t.name} | {_fmt(p50)} | {_fmt(p99)} | {vs[0]} | {vs[1]} |")
     lines += ["", "## Per scenario", ""]
     for name in c.scenarios:
         sc = SCENARIOS[name]
@@ -271,21 +407,128 @@ def to_markdown(c: Comparison) -> str:
         f"request in flight on each; connect = {s.connect_concurrency} loops of connect, "
         "1 KiB request, 1 KiB response, server closes; wrk = `wrk -t1 "
         f"-c{s.rr_connections}`. Generator CPU in cores: near the generator's process "
-        "count means the generator, not the proxy, was the limit.",
-        "",
-        "## Not measured",
+        "count means the generator, not the proxy, was the limit. After every run the "
+        "harness waits until the proxies are idle again (at most 5 % of a core over "
+        f"{QUIET_WINDOW:g} s) before the next starts; that wait is `drain_s` in the JSON.",
         "",
     ]
+    evidence = [t for t in measured if t.path]
+    if evidence:
+        lines += [
+            "Path check, read from the meshfed gateways' admin `/stats` after the rounds "
+            "(bytes the gateway relayed, both directions):",
+            "",
+            *(
+                f"- {t.name}: " + "; ".join(f"{role} {text}" for role, text in t.path.items())
+                for t in evidence
+            ),
+            "",
+        ]
+    fresh = [t for t in measured if t.start_rss]
+    if fresh:
+        lines += [
+            "Fresh idle RSS (MiB, once started and quiet, before any load; the `idle` "
+            "scenario above is measured between rounds, after load):",
+            "",
+            *(
+                f"- {t.name}: " + ", ".join(f"{role} {_fmt(v)}" for role, v in t.start_rss.items())
+                for t in fresh
+            ),
+            "",
+        ]
+    lines += _control_markdown(c)
+    lines += _goals_markdown(c)
+    lines += ["## Not measured", ""]
     missing = [t for t in c.topologies if not t.samples or t.failures]
     for t in missing:
         why = t.note or "; ".join(t.failures[:3])
         lines.append(f"- {t.name}: {why}")
     for name, why in c.skipped_scenarios.items():
         lines.append(f"- scenario {name}: {why}")
-    if not missing and not c.skipped_scenarios:
+    for failure in c.control_failures:
+        lines.append(f"- {failure}")
+    if not missing and not c.skipped_scenarios and not c.control_failures:
         lines.append("- nothing: every topology and scenario ran.")
     lines.append("")
     return "\n".join(lines)
+
+
+def _control_markdown(c: Comparison) -> list[str]:
+    names = [n for n in c.control_scenarios if n not in c.skipped_scenarios]
+    if not names:
+        return []
+    s = c.settings
+    lines = [
+        "## Control plane (meshfed's federation agent path; not per topology)",
+        "",
+        f"`bench/agent_bench.py --part ... --json`, once per round, after the round's "
+        f"data-plane runs. Propagation: {s.changes} sequential changes per run; full sync: "
+        f"10 clusters x {s.sync_services} services x 10 endpoints. Median [min-max] over "
+        "the rounds (each round's p99 is over its own changes).",
+        "",
+    ]
+    for name in names:
+        sc = CONTROL[name]
+        values = c.control.get(name, {})
+        lines += [
+            f"### {name}: {sc.title}",
+            "",
+            "| " + " | ".join(f"{m.title} ({m.unit})" for m in sc.metrics) + " |",
+            "|" + " --- |" * len(sc.metrics),
+            "| " + " | ".join(_cell(values.get(m.key, [])) for m in sc.metrics) + " |",
+            "",
+        ]
+    return lines
+
+
+def _goals_markdown(c: Comparison) -> list[str]:
+    gs = goals(c)
+    lines = [
+        "## Goals of the benchmark issue (from this run's medians)",
+        "",
+        "| goal | measured | status |",
+        "| --- | --- | --- |",
+    ]
+    for g in gs:
+        status = "not measured" if g.met is None else g.margin
+        lines.append(f"| {g.goal} | {g.measured} | {status} |")
+    return [*lines, ""]
+
+
+def _floats(values: list[float | None]) -> list[float]:
+    return [float("nan") if v is None else float(v) for v in values]
+
+
+def from_json(doc: dict[str, Any]) -> Comparison:
+    """Rebuild a :class:`Comparison` from :func:`to_json`'s document (to re-render it)."""
+    c = Comparison(
+        command=doc["command"],
+        rounds=doc["rounds"],
+        settings=Settings(**doc["settings"]),
+        scenarios=doc["scenarios"],
+        topologies=[],
+        machine=doc["machine"],
+        started=doc["started"],
+        skipped_scenarios=doc.get("skipped_scenarios", {}),
+        control_scenarios=doc.get("control_scenarios", []),
+        control={
+            name: {k: _floats(v["values"]) for k, v in metrics.items()}
+            for name, metrics in doc.get("control", {}).items()
+        },
+        control_failures=doc.get("control_failures", []),
+        load=doc.get("load_average", []),
+    )
+    for t in doc["topologies"]:
+        rec = TopologyRecord(t["name"], t["system"], t["shape"], t["status"], t["note"])
+        rec.failures = t["failures"]
+        rec.path = t.get("path_evidence", {})
+        rec.start_rss = t.get("start_rss_mib", {})
+        rec.samples = {
+            sc: {k: _floats(v["values"]) for k, v in metrics.items()}
+            for sc, metrics in t["scenarios"].items()
+        }
+        c.topologies.append(rec)
+    return c
 
 
 def write(c: Comparison, out_dir: Path, stem: str = "comparison") -> tuple[Path, Path]:

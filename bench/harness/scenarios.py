@@ -50,10 +50,25 @@ class Settings:
     latency_connections: int = 4
     connect_concurrency: int = 8
     bulk_many: int = 16
+    changes: int = 1000
+    """Control plane: sequential changes per propagation run."""
+    sync_services: int = 1000
+    """Control plane: services per cluster in the full sync (10 clusters, 10 endpoints each)."""
+    settle: bool = True
+    """Wait for the proxies to go idle after every run (:func:`quiesce`); off for smoke."""
 
 
 FULL: Final = Settings(duration=3.0, warmup=0.3, processes=os.cpu_count() or 2)
-SMOKE: Final = Settings(duration=0.3, warmup=0.1, processes=1, rr_connections=4, latency_rate=200.0)
+SMOKE: Final = Settings(
+    duration=0.3,
+    warmup=0.1,
+    processes=1,
+    rr_connections=4,
+    latency_rate=200.0,
+    changes=50,
+    sync_services=10,
+    settle=False,
+)
 
 
 RunFn = Callable[[Running, "Settings", Backend], dict[str, float]]
@@ -80,6 +95,40 @@ def rss_mib(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+QUIET_WINDOW: Final = 0.25
+"""Seconds per quiescence check (see :func:`quiesce`)."""
+QUIET_CPU: Final = 0.0125
+"""CPU seconds all proxies together may use in one window and still count as quiet (5 %)."""
+QUIET_TIMEOUT: Final = 30.0
+
+
+def quiesce(running: Running) -> float:
+    """Wait until the topology's proxies are idle again; return the seconds waited.
+
+    After a load run ends, proxies can still be busy: bytes the generator already
+    wrote sit in socket buffers, relay buffers and (tunnel) HTTP/2 flow-control
+    windows, and are still being moved to the backend. The next run must not start
+    on top of that backlog, so every run is followed by this wait (one window of
+    ``QUIET_CPU`` or less, at most ``QUIET_TIMEOUT``); the time is reported as
+    ``drain_s`` (how long the path kept working after the load stopped).
+    """
+    pids = running.pids
+    if not pids:
+        return 0.0
+    start = time.monotonic()
+    while time.monotonic() - start < QUIET_TIMEOUT:
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        time.sleep(QUIET_WINDOW)
+        if sum(cpu_seconds(p) for p in pids) - cpu0 <= QUIET_CPU:
+            break
+    return max(0.0, time.monotonic() - start - QUIET_WINDOW)
+
+
+def role_rss(running: Running) -> dict[str, float]:
+    """RSS in MiB of every proxy process, by role."""
+    return {p.role: rss_mib(p.pid) for p in running.proxies}
 
 
 @dataclass(frozen=True)
@@ -199,9 +248,23 @@ def _connect(running: Running, s: Settings, backend: Backend) -> dict[str, float
 def _idle(running: Running, s: Settings, backend: Backend) -> dict[str, float]:
     time.sleep(min(1.0, s.duration))
     if not running.pids:
-        return {"rss_mib": float("nan"), "rss_per_proxy_mib": float("nan")}
-    total = sum(rss_mib(p) for p in running.pids)
-    return {"rss_mib": total, "rss_per_proxy_mib": total / len(running.pids)}
+        nan = float("nan")
+        return {
+            "rss_mib": nan,
+            "rss_per_proxy_mib": nan,
+            "rss_sidecar_mib": nan,
+            "rss_gateway_mib": nan,
+        }
+    rss = role_rss(running)
+    total = sum(rss.values())
+    sidecars = [v for role, v in rss.items() if role.endswith("sidecar")]
+    gateways = [v for role, v in rss.items() if role.endswith("gateway")]
+    return {
+        "rss_mib": total,
+        "rss_per_proxy_mib": total / len(rss),
+        "rss_sidecar_mib": max(sidecars) if sidecars else float("nan"),
+        "rss_gateway_mib": max(gateways) if gateways else float("nan"),
+    }
 
 
 _WRK_RPS: Final = re.compile(r"Requests/sec:\s+([0-9.]+)")
@@ -279,6 +342,8 @@ SCENARIOS: Final[dict[str, Scenario]] = {
             (
                 Metric("rss_mib", "MiB", False, "RSS, all proxies"),
                 Metric("rss_per_proxy_mib", "MiB", False, "RSS per proxy process"),
+                Metric("rss_sidecar_mib", "MiB", False, "RSS of the largest sidecar"),
+                Metric("rss_gateway_mib", "MiB", False, "RSS of the largest gateway"),
             ),
             _idle,
         ),

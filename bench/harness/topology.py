@@ -75,6 +75,8 @@ class ProxyProcess:
     role: str
     popen: subprocess.Popen[bytes]
     log: Path
+    stats_url: str | None = None
+    """A JSON ``/stats`` admin URL (meshfed gateways), read after the run as path evidence."""
 
     @property
     def pid(self) -> int:
@@ -98,6 +100,26 @@ class Running:
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.proxies]
+
+    def path_evidence(self) -> dict[str, str]:
+        """Per proxy with a ``/stats`` URL: what its relay counters say it carried."""
+        out: dict[str, str] = {}
+        for p in self.proxies:
+            if p.stats_url is None:
+                continue
+            status, body = _http_get(p.stats_url)
+            try:
+                relays = json.loads(body)["relays"] if status == 200 else None
+            except (ValueError, KeyError, TypeError):
+                relays = None
+            if not isinstance(relays, dict):
+                out[p.role] = f"/stats unreadable (HTTP {status})"
+                continue
+            carried = int(relays.get("bytes_a_to_b", 0)) + int(relays.get("bytes_b_to_a", 0))
+            out[p.role] = (
+                f"relayed {carried / 1e9:.2f} GB in {relays.get('started', 0)} connections"
+            )
+        return out
 
     def check_alive(self) -> None:
         """Raise :class:`TopologyError` if any proxy has exited."""
@@ -325,6 +347,8 @@ class ProcessSpec:
     """Full command line, e.g. ``[meshfed, "sidecar", "run", "--config", ...]``."""
     listen_port: int
     """The port it serves; readiness is this port accepting TCP connections."""
+    stats_url: str | None = None
+    """Its admin ``/stats`` (gateways): relay counters, reported as evidence of the path."""
 
 
 def meshfed_process_specs(
@@ -405,6 +429,7 @@ class MeshfedDriver:
         try:
             for spec in specs:
                 proc = launch(spec.role, spec.argv, ctx.workdir)
+                proc.stats_url = spec.stats_url
                 running.proxies.append(proc)
                 _wait(
                     "accepting connections", proc, functools.partial(port_accepts, spec.listen_port)
