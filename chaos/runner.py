@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from chaos.drill import Drill, Phase, TimelineEvent, TrafficSource
+from chaos.drill import RESTORES, Drill, Phase, TimelineEvent, TrafficSource
 from chaos.drill_loader import LoadedDrill
 from chaos.injectors import Injector
 from chaos.judge import Judgement, judge
@@ -126,15 +126,30 @@ def launch_options(
 
 
 def shorten(drill: Drill, factor: float = 0.5, rate_factor: float = 0.5) -> Drill:
-    """The short (CI) form: every time of the timeline, phases and traffic times ``factor``,
+    """The short (CI) form: times of the timeline, phases and traffic times ``factor``,
     rates times ``rate_factor`` (at least 5/s). Budgets are unchanged: the short form is
-    held to the same limits, on less evidence."""
+    held to the same limits, on less evidence.
+
+    Times after the drill's last restoring fault (revive, heal, resume, etcd-start) keep
+    their full-form distance from it: what follows a restore (processes starting, probes,
+    ejections ending) takes as long in either form, and the recovery budget and the
+    "after" phases are laid out against that real time. Halving the gap too would judge
+    an "after" phase 4s after a revive against a recovery budget of 8s.
+    """
+    restores = [e.at for e in drill.timeline if e.fault in RESTORES]
+    cut = max(restores) if restores else None
+
+    def t(at: float) -> float:
+        if cut is None or at <= cut:
+            return at * factor
+        return cut * factor + (at - cut)
 
     def src(s: TrafficSource) -> TrafficSource:
+        start = t(s.start)
         return replace(
             s,
-            start=s.start * factor,
-            duration=s.duration * factor,
+            start=start,
+            duration=t(s.start + s.duration) - start,
             rate=max(min(5.0, s.rate), s.rate * rate_factor),
         )
 
@@ -142,10 +157,10 @@ def shorten(drill: Drill, factor: float = 0.5, rate_factor: float = 0.5) -> Dril
         p = e.params
         if p.interval is not None:
             p = replace(p, interval=p.interval * factor)
-        return replace(e, at=e.at * factor, params=p)
+        return replace(e, at=t(e.at), params=p)
 
     def ph(p: Phase) -> Phase:
-        return replace(p, start=p.start * factor, end=p.end * factor)
+        return replace(p, start=t(p.start), end=t(p.end))
 
     return replace(
         drill,

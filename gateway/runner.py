@@ -35,7 +35,7 @@ import datetime as dt
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -149,12 +149,16 @@ class Gateway:
         now_fn: Callable[[], dt.datetime] = _utc_now,
         source: CatalogSource | None = None,
         renew: Callable[[], Awaitable[Svid]] | None = None,
+        trust_domains: Mapping[str, str] | None = None,
     ) -> None:
         self.cluster = cluster
         self.options = options or GatewayOptions()
         self.probe_settings = self.options.probe or probe_settings
         self.tls = tls
         self.catalog_fn = catalog_fn
+        self.trust_domains = dict(trust_domains or {})
+        """Cluster -> trust domain from the deployment config: the tunnel's fallback for
+        peers whose ClusterRecord is missing (an agent cut from the store)."""
         self.rng = rng or random.Random()
         self.now_fn = now_fn
         self.modes = tuple(cluster.gateway.modes)
@@ -407,6 +411,8 @@ class Gateway:
             now_fn=self.now_fn,
             connections=self.server_connections,
             handler_nursery=conns,
+            trust_domains=self.trust_domains,
+            local_cluster=self.cluster.name,
         )
 
     async def _serve_passthrough(

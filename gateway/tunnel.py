@@ -22,7 +22,8 @@ Layers (the protocol decisions are in ``gateway/tunnel_protocol.py``):
   the prober marked dead (or that just failed to dial), and drains connections
   made with an old certificate when the gateway's SVID rotates.
 * :func:`serve_tunnel` accepts peer gateways: TLS 1.3 mTLS, the peer must present
-  the gateway SVID of a federated trust domain that the catalog maps to a cluster.
+  the gateway SVID of a federated trust domain that the catalog maps to a cluster
+  (or, when the cluster's leased record is missing, the deployment config does).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import datetime as dt
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -765,19 +766,27 @@ class TunnelPool:
 # -- the server -------------------------------------------------------------------------------
 
 
-def cluster_of_trust_domain(catalog: Catalog | None, trust_domain: str) -> str | None:
-    """The cluster whose record names ``trust_domain`` (None if none or ambiguous).
+def cluster_of_trust_domain(
+    catalog: Catalog | None,
+    trust_domain: str,
+    configured: Mapping[str, str] | None = None,
+) -> str | None:
+    """The cluster that names ``trust_domain`` (None if none or ambiguous).
+
+    The catalog's ClusterRecords say it first; ``configured`` (cluster -> trust domain
+    from the deployment config) fills in clusters without a record, so a peer whose
+    agent lost its lease (a partition from the store, BAD_INPUTS 27) is still known
+    while its data plane works, as the sidecar does for inbound policy.
 
     With shared trust domains a gateway SVID does not say which cluster it is, so
     the tunnel refuses such peers rather than guess (docs/gateway.md).
     """
-    if catalog is None:
-        return None
-    found = [
-        view.name
-        for view in catalog.clusters.values()
-        if view.record is not None and view.record.trust_domain == trust_domain
-    ]
+    domains = dict(configured or {})
+    if catalog is not None:
+        for view in catalog.clusters.values():
+            if view.record is not None:
+                domains[view.name] = view.record.trust_domain
+    found = [name for name, td in domains.items() if td == trust_domain]
     return found[0] if len(found) == 1 else None
 
 
@@ -792,8 +801,15 @@ async def serve_tunnel(
     now_fn: Callable[[], dt.datetime] = _utc_now,
     connections: set[TunnelConnection] | None = None,
     handler_nursery: trio.Nursery | None = None,
+    trust_domains: Mapping[str, str] | None = None,
+    local_cluster: str | None = None,
 ) -> None:
     """Accept peer gateways on ``listeners`` until cancelled.
+
+    ``trust_domains`` (cluster -> trust domain, from the deployment config) maps a
+    peer to its cluster when the catalog has no record for it
+    (:func:`cluster_of_trust_domain`); ``local_cluster`` is refused as a peer even
+    before the first catalog.
 
     ``connections`` (if given) holds the live server connections, so the runner can
     drain them on shutdown or certificate rotation; ``handler_nursery`` (if given)
@@ -823,8 +839,9 @@ async def serve_tunnel(
             )
             return
         td = peer.spiffe_id.trust_domain.name
-        cluster = cluster_of_trust_domain(local, td)
-        if cluster is None or cluster == (local.local_cluster if local else None):
+        cluster = cluster_of_trust_domain(local, td, trust_domains)
+        own = local.local_cluster if local is not None else local_cluster
+        if cluster is None or cluster in (own, local_cluster):
             if metrics is not None:
                 metrics.handshake_failures.labels("server", "unknown", "unknown_peer_cluster").inc()
             await trio.aclose_forcefully(stream)

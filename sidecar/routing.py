@@ -187,9 +187,7 @@ def build_routes(
             remote.setdefault(ep.cluster, []).append(ep)
 
     local_view = clusters.get(source_cluster)
-    local_gw_record = (
-        _passthrough_gateway(local_view.gateways) if local_view is not None else None
-    )
+    local_gw_record = _passthrough_gateway(local_view.gateways) if local_view is not None else None
     local_gw: tuple[str, int] | None = local_gateway
     local_peer_alive: dict[str, bool] = {}
     for gw_record in local_view.gateways if local_view is not None else ():

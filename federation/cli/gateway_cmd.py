@@ -252,6 +252,7 @@ def run(
             source=source,
             renew=agent_renewer(client, my_id) if join_token is not None else None,
             rng=random.Random(),
+            trust_domains={x.name: x.trust_domain for x in cfg.clusters},
         )
         async with trio.open_nursery() as nursery:
             if static is not None:

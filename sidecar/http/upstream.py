@@ -141,21 +141,22 @@ class H2Pool:
                 if ch is not None:
                     self.streams += 1
                     return await ch.open_stream(headers, end_stream=end_stream)
-                if self._dialing is not None:
+                if self._dialing is None:
+                    if self._breaker is not None:
+                        verdict = self._breaker.admit_connection()
+                        if isinstance(verdict, Open):
+                            # At the connection limit: wait as pending for a stream to free.
+                            pending = self._admit_pending(pending)
+                            await self._room.wait()
+                            continue
+                    self._start_dial()
+                else:
                     pending = self._admit_pending(pending)
-                    event = self._dialing
-                    await event.wait()
-                    if self._dial_error is not None and self._dialing is None:
-                        raise self._dial_error
-                    continue
-                if self._breaker is not None:
-                    verdict = self._breaker.admit_connection()
-                    if isinstance(verdict, Open):
-                        # At the connection limit: wait as pending for a stream to free.
-                        pending = self._admit_pending(pending)
-                        await self._room.wait()
-                        continue
-                await self._dial_one()
+                event = self._dialing
+                assert event is not None
+                await event.wait()
+                if self._dial_error is not None and self._dialing is None:
+                    raise self._dial_error
         finally:
             if pending and self._breaker is not None:
                 self._breaker.release_pending()
@@ -168,9 +169,16 @@ class H2Pool:
             raise Overloaded(verdict)
         return True
 
-    async def _dial_one(self) -> None:
+    def _start_dial(self) -> None:
+        """Dial in the pool's nursery: the requester that needed the connection only
+        waits for it, so its deadline (per-try or request timeout, the app hanging up)
+        does not throw away a handshake other requests are waiting on. The dial itself
+        is bounded by the connect timeout (``UpstreamPool.dial``)."""
         event = self._dialing = trio.Event()
         self._dial_error = None
+        self._nursery.start_soon(self._dial_one, event)
+
+    async def _dial_one(self, event: trio.Event) -> None:
         try:
             try:
                 dialed = await self._dial()
@@ -179,12 +187,24 @@ class H2Pool:
                 self._dial_error = exc
                 if self._breaker is not None:
                     self._breaker.release_connection()
-                raise
+                return
+            except Exception as exc:
+                # Not a ConnectFailed: still fail the waiters, never the nursery.
+                self.dial_failures += 1
+                self._dial_error = ConnectFailed(f"dial_error: {type(exc).__name__}")
+                if self._breaker is not None:
+                    self._breaker.release_connection()
+                return
             except BaseException:
                 if self._breaker is not None:
                     self._breaker.release_connection()
                 raise
             self.dials += 1
+            if self._closed:
+                await trio.aclose_forcefully(dialed.stream)
+                if self._breaker is not None:
+                    self._breaker.release_connection()
+                return
             channel = H2Channel(dialed.stream, "client")
             channel.on_capacity = self._notify
             self.channels.append(channel)

@@ -49,6 +49,19 @@ def test_shorten_scales_times_and_rates_but_not_budgets() -> None:
     assert short.budgets == drill.budgets
 
 
+def test_shorten_keeps_the_time_after_the_last_restore() -> None:
+    # gateway-loss: revive at 25s, after phase 33s-40s (8s = the recovery budget).
+    drill = load_drill(DRILLS / "gateway-loss.yaml").drill
+    short = shorten(drill, 0.5)
+    assert [e.at for e in short.timeline] == [0.5, 0.5, 5.0, 12.5]
+    assert [(p.start, p.end) for p in short.phases] == [(2.0, 5.0), (6.0, 12.5), (20.5, 27.5)]
+    assert short.traffic_end == 27.5  # 12.5s halved before the revive + 15s after it
+    recovery = drill.budgets.recovery
+    assert recovery is not None
+    assert short.phases[2].start - short.timeline[3].at == recovery.within
+    assert short.budgets == drill.budgets
+
+
 def test_rewrite_puts_gateway_behind_proxy_and_pins_caller() -> None:
     doc = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     hosts = proxy_hosts(["gcp-euw1"])
