@@ -34,12 +34,14 @@ SVID; live connections keep the context they were made with.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
 import random
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NoReturn, get_args
@@ -417,6 +419,7 @@ def _human(delta: dt.timedelta) -> str:
 # -- CA directory on disk --------------------------------------------------------------------
 
 STATE_FILE = "rotation.json"
+LOCK_FILE = ".rotation.lock"
 NEXT_DIR = "next"
 PREVIOUS_DIR = "previous"
 _CA_FILES = (ROOT_KEY_FILE, KEY_FILE, CERT_FILE)
@@ -468,16 +471,29 @@ class CaDirectory:
             raise CaKeyError(
                 str(path), "holds no CA", "run `meshfed trust init --dir` for a new CA"
             )
-        state_path = path / STATE_FILE
+        return cls(path, _read_state(path))
+
+    def refresh(self) -> CaRotation:
+        """Re-read ``rotation.json``: another process (the CLI, an agent) may have changed it."""
+        self.state = _read_state(self.path)
+        return self.state
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive access to the rotation state across processes, state re-read first.
+
+        The agent records every SVID it signs while an operator runs ``meshfed trust
+        rotate`` in another process; without this, one would write back a stale copy
+        of the other's state (seen in the ca-rotation drill: a signature right after
+        ``publish`` put the phase back to ``steady``).
+        """
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            state = CaRotation.from_json(state_path.read_bytes())
-        except FileNotFoundError:
-            state = CaRotation()
-        except (ValueError, OSError) as exc:
-            raise RotationRefused(
-                "bad_state", f"{state_path} is unreadable ({exc})", "restore it from backup"
-            ) from None
-        return cls(path, state)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.refresh()
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def active(self) -> CertificateAuthority:
         """The CA that signs now (loads and checks the key: mode, owner, match)."""
@@ -536,18 +552,20 @@ class CaDirectory:
 
     def record_issued(self, not_after: dt.datetime) -> None:
         """Record an SVID the signing CA issued elsewhere (e.g. by the agent from a CSR)."""
-        self.state = self.state.record_issued(not_after)
-        self._save()
+        with self._locked():
+            self.state = self.state.record_issued(not_after)
+            self._save()
 
     def rotate(self, step: RotationStep, now: dt.datetime) -> TrustBundle:
         """Take one rotation step on disk; return the bundle to publish afterwards."""
-        if step == "publish":
-            self._publish(now)
-        elif step == "switch":
-            self._switch()
-        else:
-            self._drop(now)
-        return self.bundle()
+        with self._locked():
+            if step == "publish":
+                self._publish(now)
+            elif step == "switch":
+                self._switch()
+            else:
+                self._drop(now)
+            return self.bundle()
 
     def _publish(self, now: dt.datetime) -> None:
         new_state = self.state.publish()
@@ -594,6 +612,18 @@ class CaDirectory:
 
     def _save(self) -> None:
         _write_atomic(self.path / STATE_FILE, self.state.to_json().encode() + b"\n")
+
+
+def _read_state(path: Path) -> CaRotation:
+    state_path = path / STATE_FILE
+    try:
+        return CaRotation.from_json(state_path.read_bytes())
+    except FileNotFoundError:
+        return CaRotation()
+    except (ValueError, OSError) as exc:
+        raise RotationRefused(
+            "bad_state", f"{state_path} is unreadable ({exc})", "restore it from backup"
+        ) from None
 
 
 def _load_root(cert_path: Path) -> x509.Certificate:

@@ -230,3 +230,20 @@ async def test_control_switching_before_peers_have_the_new_root_fails_handshakes
     load = await _rotation_under_load(tmp_path, 40, skip_publish=True)
     assert load.outcomes["failed"] > 0
     assert load.reasons["bad_chain"] + load.reasons["handshake_failed"] > 0
+
+
+def test_a_signer_in_another_process_never_undoes_a_rotation_step(tmp_path):
+    # The agent holds one CaDirectory for its lifetime and records every SVID it
+    # signs; the operator rotates with another handle (another process). Neither may
+    # write back a stale copy of the other's state.
+    path = tmp_path / "ca"
+    agent = CaDirectory.init(path, TD, T0)
+    operator = CaDirectory.open(path)
+    operator.rotate("publish", T0)
+    agent.record_issued(T0 + dt.timedelta(hours=1))  # stale handle: still thinks "steady"
+    assert CaDirectory.open(path).state.phase == "published"
+    operator.rotate("switch", T0)  # refused before the fix: the phase was back to steady
+    agent.record_issued(T0 + dt.timedelta(hours=2))
+    state = CaDirectory.open(path).state
+    assert state.phase == "switched"
+    assert agent.state == state  # the agent's handle follows the disk
