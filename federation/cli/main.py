@@ -12,6 +12,8 @@ import sys
 
 import typer
 
+from federation import parentwatch
+
 # Each area's sub-app: (name, module, help), one line each. Modules are imported only
 # when their area is used: `meshfed sidecar run` must not load the agent, the store's
 # etcd backend (grpc) or the gateway (idle RSS, start-up time; docs/performance-notes.md).
@@ -59,6 +61,7 @@ def main() -> None:
     # anything else (--help, up's top-level commands, a typo) gets the whole app.
     first = sys.argv[1] if len(sys.argv) > 1 else None
     only = first if any(first == name for name, _, _ in _AREAS) else None
+    parentwatch.start_from_env()  # a child of `meshfed up` ends with it
     build_app(only)()
 
 

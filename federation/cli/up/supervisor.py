@@ -31,6 +31,7 @@ import trio
 from federation.cli.up.adminclient import http_get
 from federation.cli.up.plan import Component, Layout, Plan, Stage, TargetError, resolve_target
 from federation.jointoken import JoinTokenFile
+from federation.parentwatch import ENV
 from trust.spiffe import SpiffeId
 
 __all__ = ["ProcessState", "StartFailed", "Supervisor", "control_request"]
@@ -181,7 +182,9 @@ class Supervisor:
                 # Own session: a terminal's Ctrl-C reaches `up` only, which then stops
                 # the children in order instead of all of them at once.
                 start_new_session=True,
-                env=self.env,
+                # ... and if `up` itself is SIGKILLed, each child notices and drains
+                # (federation/parentwatch.py) instead of running on as an orphan.
+                env={**(self.env if self.env is not None else os.environ), ENV: str(os.getpid())},
             )
         finally:
             logf.close()
