@@ -31,7 +31,6 @@ import contextlib
 import datetime as dt
 import logging
 import math
-import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from federation.stream_codec import (
     StreamError,
     Synced,
 )
+from trust.atomicfile import write_atomic
 from trust.errors import HandshakeRefused
 from trust.spiffe import SpiffeId
 from trust.tls import TlsContextHolder, bootstrap_client_context, handshake_and_verify
@@ -148,26 +148,6 @@ def backoff_delay(attempt: int, config: ClientConfig, rng: random.Random) -> flo
     (uniform in [0, cap]) so a fleet of proxies restarting together spreads out."""
     cap = min(config.backoff_max, config.backoff_initial * config.backoff_multiplier**attempt)
     return rng.uniform(0.0, cap)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _utc_now() -> dt.datetime:
@@ -566,9 +546,9 @@ class CatalogClient:
                 data = catalog.to_json()
                 try:
                     if self.config.persist_in_thread:
-                        await trio.to_thread.run_sync(write_atomically, path, data)
+                        await trio.to_thread.run_sync(write_atomic, path, data)
                     else:
-                        write_atomically(path, data)
+                        write_atomic(path, data)
                     self._stats["persisted"] += 1
                 except OSError as exc:
                     self._stats["persist_failures"] += 1

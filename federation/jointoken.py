@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from trust.atomicfile import write_atomic
 from trust.errors import InvalidSpiffeId
 from trust.spiffe import SpiffeId
 
@@ -259,23 +260,7 @@ class JoinTokenFile:
             ) from None
 
     def _save(self, book: JoinTokenBook) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(book.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(self.path, book.to_json(), mode=0o600)
 
     def _commit(self, change: JoinTokenBook) -> None:
         self._save(change)

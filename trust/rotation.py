@@ -49,6 +49,7 @@ from typing import Literal, NoReturn, get_args
 import trio
 from cryptography import x509
 
+from trust.atomicfile import write_atomic
 from trust.bundle import TrustBundle
 from trust.ca import CERT_FILE, KEY_FILE, ROOT_KEY_FILE, CertificateAuthority
 from trust.errors import CaKeyError, TrustError
@@ -425,18 +426,6 @@ PREVIOUS_DIR = "previous"
 _CA_FILES = (ROOT_KEY_FILE, KEY_FILE, CERT_FILE)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` atomically: a crash leaves the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class CaDirectory:
     """A CA directory with its rotation state (layout in the module docstring).
@@ -611,7 +600,7 @@ class CaDirectory:
         self._save()
 
     def _save(self) -> None:
-        _write_atomic(self.path / STATE_FILE, self.state.to_json().encode() + b"\n")
+        write_atomic(self.path / STATE_FILE, self.state.to_json().encode() + b"\n", mode=0o644)
 
 
 def _read_state(path: Path) -> CaRotation:

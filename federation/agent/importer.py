@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,6 +47,7 @@ from federation.catalog import (
 from federation.model import RecordError
 from federation.names import InvalidName
 from federation.store.api import KeyValue, Put, Reset, Store, WatchEvent, apply_events, diff_reset
+from trust.atomicfile import write_atomic
 from trust.bundle import Accepted, BundleKeeper
 from trust.spiffe import TrustDomain
 
@@ -58,29 +58,6 @@ BUNDLES_PREFIX = keys.prefix("bundles")
 
 
 # -- persistence (synchronous file I/O; run it in a worker thread from trio) ----------------
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory.
-
-    A crash leaves either the old file or the new one, never a torn mix.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def load_persisted(state_dir: Path, local_cluster: str) -> tuple[Catalog | None, str]:
@@ -303,7 +280,7 @@ class CatalogImporter:
         try:
             # Serialising 100k entries takes a while: do it in the worker too (the
             # catalog is immutable, so the thread reads a consistent version).
-            await self._file_io(lambda: write_atomically(path, catalog.to_json()))
+            await self._file_io(lambda: write_atomic(path, catalog.to_json(), mode=0o644))
         except OSError as exc:
             self.metrics.persist_failures.inc()
             log.error("could not persist the catalog to %s: %s", path, exc)

@@ -29,6 +29,7 @@ from federation.config.errors import ConfigError
 from federation.config.loader import load_config
 from federation.store.api import Store, StoreError, StoreUnavailable
 from federation.store.open import InvalidStoreURL, open_store
+from trust.atomicfile import write_atomic
 from trust.bundle import BundleKeeper, Refused, TrustBundle
 from trust.errors import BundleError, CaKeyError, InvalidSpiffeId, TrustError
 from trust.publish import PublishRefused, publish_bundle, publish_revocation, read_bundles
@@ -361,9 +362,7 @@ def bundle_import(
         typer.echo(f"unchanged: {target} already holds sequence {outcome.bundle.sequence}")
         return
     into.mkdir(parents=True, exist_ok=True)
-    tmp = into / f".{td.name}.json.tmp"
-    tmp.write_text(outcome.bundle.to_json())
-    os.replace(tmp, target)
+    write_atomic(target, outcome.bundle.to_json().encode(), mode=0o644)
     typer.echo(
         f"imported {td} sequence {outcome.bundle.sequence} "
         f"({len(outcome.bundle.roots)} root(s)) into {target}"

@@ -32,6 +32,7 @@ from federation.cli.up.adminclient import http_get
 from federation.cli.up.plan import Component, Layout, Plan, Stage, TargetError, resolve_target
 from federation.jointoken import JoinTokenFile
 from federation.parentwatch import ENV
+from trust.atomicfile import write_atomic
 from trust.spiffe import SpiffeId
 
 __all__ = ["ProcessState", "StartFailed", "Supervisor", "control_request"]
@@ -117,10 +118,10 @@ class Supervisor:
         }
 
     def write_manifest(self) -> None:
-        path = self.layout.manifest
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.manifest(), indent=1))
-        os.replace(tmp, path)  # readers never see half a file
+        # Rewritten on every state change: atomic (readers never see half a file),
+        # not fsync'd (it describes live processes; a crash makes it moot anyway).
+        data = json.dumps(self.manifest(), indent=1).encode()
+        write_atomic(self.layout.manifest, data, mode=0o644, durable=False)
 
     def _set(self, name: str, state: str, **changes: Any) -> None:
         st = self.states[name]
