@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as dt
 import os
 import random
 import shutil
 import sys
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,7 +38,7 @@ from chaos.faultproxy import FaultLink, serve_fault_proxy
 from chaos.injectors import ProcessControl, SocketControl, SupervisorControl
 from federation.cli.up import prepare
 from federation.cli.up.collect import read_manifest
-from federation.cli.up.plan import Component, Layout, Plan, build_plan
+from federation.cli.up.plan import Component, Layout, Plan
 from federation.cli.up.ports import (
     choose_offset,
     duplicates,
@@ -229,18 +227,6 @@ def machine_facts() -> dict[str, Any]:
     return facts
 
 
-def _meshfed_argv() -> list[str]:
-    return [sys.executable, "-m", "federation.cli.main"]
-
-
-def _sidecar_has_cluster_flag() -> bool:
-    import inspect
-
-    from federation.cli import sidecar_cmd
-
-    return "cluster" in inspect.signature(sidecar_cmd.run).parameters
-
-
 @contextlib.asynccontextmanager
 async def launch_federation(config_path: str, opts: LaunchOptions) -> AsyncIterator[Federation]:
     """Start the federation of ``config_path`` for a drill; stop it (reverse stage order) on
@@ -273,50 +259,13 @@ async def launch_federation(config_path: str, opts: LaunchOptions) -> AsyncItera
             raise LaunchError(f"{a.owner} and {b.owner} both listen on {a.host}:{a.port}")
         offset = choose_offset(planned, port_is_free, try_lock=locks.try_lock)
         locks.keep_only(offset)
-        shifted_extra = type(extra)(
-            extra.sidecar_admin,
-            extra.traffic + offset,
-            extra.etcd_client + offset,
-            extra.etcd_peer + offset,
-        )
         mode = opts.store
-        store_url = (
-            "memory://" if mode == "embedded" else f"etcd://127.0.0.1:{shifted_extra.etcd_client}"
+        run = prepare.prepare_run(
+            source, layout, offset, extra, mode=mode, etcd_binary=etcd_binary
         )
-        cfg = prepare.write_configs(
-            source,
-            layout,
-            offset,
-            extra,
-            store_endpoints=None if mode == "embedded" else (store_url[len("etcd://") :],),
-        )
-        gateway_svids = prepare.write_trust(cfg, layout, dt.datetime.now(dt.UTC))
-        plan = build_plan(
-            cfg,
-            layout,
-            _meshfed_argv(),
-            shifted_extra,
-            store=mode,
-            store_url=store_url,
-            etcd_binary=etcd_binary,
-            sidecar_has_cluster_flag=_sidecar_has_cluster_flag(),
-        )
+        cfg, plan, store_url = run.cfg, run.plan, run.store_url
         comps = [c for c in plan.components if c.kind != "traffic"]
-        meta: dict[str, Any] = {
-            "run_dir": str(layout.root),
-            "config": str(config_path),
-            "config_copy": str(layout.config),
-            "offset": offset,
-            "store": mode,
-            "up_pid": os.getpid(),
-            "started_at": time.time(),
-            "control": str(layout.control),
-            "clusters": [
-                {"name": c.name, "cloud": c.cloud, "region": c.region} for c in cfg.clusters
-            ],
-            "gateway_svids": gateway_svids,
-            "drill_runner": True,
-        }
+        meta = run.meta(layout, config_path, mode, drill_runner=True)
         rng = random.Random(0x5EED)
         async with contextlib.AsyncExitStack() as stack:
             embedded = await stack.enter_async_context(_maybe_embedded(mode))
@@ -340,10 +289,10 @@ async def launch_federation(config_path: str, opts: LaunchOptions) -> AsyncItera
                         "127.0.0.1",
                         0,
                         "127.0.0.1",
-                        shifted_extra.etcd_client,
+                        run.extra.etcd_client,
                     )
                     proxy.listens.append(f"127.0.0.1:{port}")
-                    proxy.upstreams.append(f"127.0.0.1:{shifted_extra.etcd_client}")
+                    proxy.upstreams.append(f"127.0.0.1:{run.extra.etcd_client}")
                     links[proxy.name] = proxy
                     comps = [
                         replace(c, argv=_replace_store_arg(c.argv, f"etcd://127.0.0.1:{port}"))

@@ -8,14 +8,11 @@ dependency is unavailable (no running ``up``, a component did not start).
 
 from __future__ import annotations
 
-import datetime as dt
-import inspect
 import json
 import logging
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -26,7 +23,7 @@ import typer
 from federation import logs
 from federation.cli.up import prepare
 from federation.cli.up.collect import collect_view, read_manifest
-from federation.cli.up.plan import Component, Layout, build_plan
+from federation.cli.up.plan import Component, Layout
 from federation.cli.up.pokes import (
     PokeError,
     find_run_dirs,
@@ -63,17 +60,6 @@ log = logging.getLogger("meshfed.up")
 def _fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
     typer.echo(f"meshfed: {message}", err=True)
     raise typer.Exit(code)
-
-
-def _meshfed_argv() -> list[str]:
-    # The same interpreter and source tree as this process, whatever PATH says.
-    return [sys.executable, "-m", "federation.cli.main"]
-
-
-def _sidecar_has_cluster_flag() -> bool:
-    from federation.cli import sidecar_cmd
-
-    return "cluster" in inspect.signature(sidecar_cmd.run).parameters
 
 
 def _store_choice(store: str) -> tuple[str, str | None]:
@@ -146,60 +132,30 @@ def up(
         locks.release_all()
         _fail(str(exc), EXIT_UNAVAILABLE)
     locks.keep_only(offset)
-    shifted_extra = type(extra)(
-        extra.sidecar_admin,  # shifted with the rest of the document
-        extra.traffic + offset,
-        extra.etcd_client + offset,
-        extra.etcd_peer + offset,
-    )
     try:
         layout = prepare.make_run_dir(run_dir or prepare.default_run_dir())
     except (FileExistsError, OSError) as exc:
         _fail(str(exc))
-    store_url = {
-        "embedded": "memory://",
-        "etcd": f"etcd://127.0.0.1:{shifted_extra.etcd_client}",
-        "external": external or "",
-    }[mode]
     try:
-        cfg = prepare.write_configs(
+        run = prepare.prepare_run(
             config,
             layout,
             offset,
             extra,
-            store_endpoints=None if mode == "embedded" else (store_url[len("etcd://") :],),
-        )
-        gateway_svids = prepare.write_trust(cfg, layout, dt.datetime.now(dt.UTC))
-        plan = build_plan(
-            cfg,
-            layout,
-            _meshfed_argv(),
-            shifted_extra,
-            store=mode,  # type: ignore[arg-type]
-            store_url=store_url,
+            mode=mode,  # type: ignore[arg-type]
+            external=external,
             etcd_binary=etcd_binary,
-            sidecar_has_cluster_flag=_sidecar_has_cluster_flag(),
             rate=rate,
         )
-        prepare.write_traffic_plan(plan, layout)
+        prepare.write_traffic_plan(run.plan, layout)
     except ConfigError as exc:
         prepare.remove_run_dir(layout)
         _fail(f"the port-shifted copy is invalid: {exc.issues[0]} (try another --port-offset)")
+    cfg, plan, store_url = run.cfg, run.plan, run.store_url
     if prometheus_config is not None:
         prometheus_config.write_text(scrape_config(plan.components))
     logs.configure("INFO", stream=(layout.logs / "up.log").open("a"), component="up")
-    meta: dict[str, Any] = {
-        "run_dir": str(layout.root),
-        "config": str(config),
-        "config_copy": str(layout.config),
-        "offset": offset,
-        "store": mode,
-        "up_pid": os.getpid(),
-        "started_at": time.time(),
-        "control": str(layout.control),
-        "clusters": [{"name": c.name, "cloud": c.cloud, "region": c.region} for c in cfg.clusters],
-        "gateway_svids": gateway_svids,
-    }
+    meta = run.meta(layout, config, mode)
     typer.echo(
         f"meshfed up: {len(plan.components)} components of {config} at port offset {offset}, "
         f"store {store_url}, run dir {layout.root}",

@@ -12,13 +12,16 @@ import json
 import os
 import secrets
 import shutil
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from federation.cli.up.configcopy import cluster_first, shift_document
-from federation.cli.up.plan import Layout, Plan, gateway_spiffe_id
+from federation.cli.up.plan import Layout, Plan, build_plan, gateway_spiffe_id
 from federation.cli.up.ports import ExtraPorts
 from federation.config.loader import load_config
 from federation.config.model import FederationConfig
@@ -88,3 +91,93 @@ def write_trust(cfg: FederationConfig, layout: Layout, now: dt.datetime) -> dict
 
 def write_traffic_plan(plan: Plan, layout: Layout) -> None:
     layout.traffic_plan.write_text(json.dumps({"flows": list(plan.flows)}, indent=1))
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A run dir made ready to start: port-shifted configs, CAs, the process plan."""
+
+    cfg: FederationConfig
+    """The port-shifted config the components read."""
+    plan: Plan
+    """Every component, in start order."""
+    store_url: str
+    """What the agents connect to (``memory://`` or ``etcd://host:port``)."""
+    offset: int
+    """The port offset applied."""
+    extra: ExtraPorts
+    """The ports ``up`` adds (traffic, etcd), shifted by ``offset``."""
+    gateway_svids: dict[str, Any]
+    """Per cluster, what the gateways' certificates will say (for the manifest)."""
+
+    def meta(self, layout: Layout, config: Path | str, mode: str, **more: Any) -> dict[str, Any]:
+        """The run manifest's fixed part (``meshfed status`` and the pokes read it)."""
+        return {
+            "run_dir": str(layout.root),
+            "config": str(config),
+            "config_copy": str(layout.config),
+            "offset": self.offset,
+            "store": mode,
+            "up_pid": os.getpid(),
+            "started_at": time.time(),
+            "control": str(layout.control),
+            "clusters": [
+                {"name": c.name, "cloud": c.cloud, "region": c.region} for c in self.cfg.clusters
+            ],
+            "gateway_svids": self.gateway_svids,
+            **more,
+        }
+
+
+def meshfed_argv() -> list[str]:
+    """The command prefix for components: this interpreter and source tree, whatever PATH says."""
+    return [sys.executable, "-m", "federation.cli.main"]
+
+
+def prepare_run(
+    source: Path,
+    layout: Layout,
+    offset: int,
+    extra: ExtraPorts,
+    *,
+    mode: Literal["embedded", "etcd", "external"],
+    external: str | None = None,
+    etcd_binary: str = "etcd",
+    rate: float = 4.0,
+) -> PreparedRun:
+    """Write the port-shifted configs and the CAs into ``layout`` and plan the processes.
+
+    Shared by ``meshfed up`` and the drill runner so both start the same federation.
+    Raises ConfigError if the shifted copy is invalid.
+    """
+    shifted = type(extra)(
+        extra.sidecar_admin,  # shifted with the rest of the document
+        extra.traffic + offset,
+        extra.etcd_client + offset,
+        extra.etcd_peer + offset,
+    )
+    store_url = {
+        "embedded": "memory://",
+        "etcd": f"etcd://127.0.0.1:{shifted.etcd_client}",
+        "external": external or "",
+    }[mode]
+    cfg = write_configs(
+        source,
+        layout,
+        offset,
+        extra,
+        store_endpoints=None if mode == "embedded" else (store_url[len("etcd://") :],),
+    )
+    gateway_svids = write_trust(cfg, layout, dt.datetime.now(dt.UTC))
+    plan = build_plan(
+        cfg,
+        layout,
+        meshfed_argv(),
+        shifted,
+        store=mode,
+        store_url=store_url,
+        etcd_binary=etcd_binary,
+        sidecar_has_cluster_flag=True,  # workload names repeat across clusters
+        rate=rate,
+    )
+    return PreparedRun(cfg, plan, store_url, offset, shifted, gateway_svids)
