@@ -3,8 +3,9 @@
 Every component logs through the standard :mod:`logging` module; this formatter
 turns each record into one JSON object. Static fields (component, cluster,
 workload) are set once at start; per-event fields go in ``extra={"fields": {...}}``
-(e.g. ``destination_service``, ``trace_id``, ``reason``), so logs and metrics
-share one vocabulary and can be joined on it.
+or directly as ``extra={"reason": ...}`` (e.g. ``destination_service``,
+``trace_id``, ``reason``), so logs and metrics share one vocabulary and can be
+joined on it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ STANDARD_FIELDS = (
 )
 
 
+#: Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
 class JsonFormatter(logging.Formatter):
     """Format a record as one JSON object; never raises on odd values (``repr`` fallback)."""
 
@@ -46,6 +51,9 @@ class JsonFormatter(logging.Formatter):
             **self.static,
             "msg": record.getMessage(),
         }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and key != "fields" and key not in obj:
+                obj[key] = value
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
             for key, value in fields.items():

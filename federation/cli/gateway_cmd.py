@@ -25,8 +25,6 @@ drained (``drain_timeout``).
 
 from __future__ import annotations
 
-import json
-import logging
 import random
 import signal
 import stat
@@ -36,6 +34,7 @@ from typing import Annotated, Any, NoReturn
 import trio
 import typer
 
+from federation import logs
 from federation.bootstrap import agent_renewer, first_svid
 from federation.catalog import Catalog
 from federation.config.errors import ConfigError
@@ -54,32 +53,6 @@ EXIT_INVALID = 2
 EXIT_AGENT = 3
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-_STANDARD = set(vars(logging.makeLogRecord({})))
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, cluster, message and any ``extra``."""
-
-    def __init__(self, cluster: str) -> None:
-        super().__init__()
-        self.cluster = cluster
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "t": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "cluster": self.cluster,
-            "msg": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and key not in out:
-                out[key] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
 
 def _fail(message: str) -> NoReturn:
     typer.echo(f"meshfed gateway: {message}", err=True)
@@ -156,9 +129,10 @@ def run(
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Serve SNI passthrough and HTTP/2 CONNECT tunnels for CLUSTER; probe peer gateways."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter(cluster))
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), handlers=[handler])
+    try:
+        logs.configure(log_level, component="gateway", cluster=cluster)
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         cfg = load_config(config)
     except ConfigError as exc:

@@ -41,3 +41,12 @@ def test_exceptions_and_unserialisable_values_are_kept() -> None:
 def test_unknown_level_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown log level"):
         logs.configure("loud")
+
+
+def test_plain_extra_attributes_are_fields_too() -> None:
+    out = io.StringIO()
+    logs.configure("info", out, component="gateway")
+    logging.getLogger("g").info("refused", extra={"event": "refused", "reason": "not_exported"})
+    obj = json.loads(out.getvalue())
+    assert (obj["event"], obj["reason"], obj["component"]) == ("refused", "not_exported", "gateway")
+    assert "args" not in obj and "levelno" not in obj  # record internals stay out
