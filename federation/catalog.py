@@ -22,7 +22,11 @@ Import rule (what a cluster ``L`` sees):
 
 The catalog is a function of the store's content (plus expiry): a value that
 fails to decode makes its key absent (reported in :class:`Applied`), so an
-agent that restarts builds exactly what a long-running one holds.
+agent that restarts builds exactly what a long-running one holds. One
+exception, the *local overlay* (:meth:`CatalogBuilder.set_local_overlay`): while
+the agent speaks for its cluster, the local cluster's records come from what it
+publishes, not from the store round trip, so a re-list or a lease expiry that
+removes them from the store while the agent is cut off never removes them here.
 """
 
 from __future__ import annotations
@@ -490,6 +494,12 @@ class CatalogBuilder:
         self._endpoints_of: dict[tuple[str, str, str], set[str]] = {}
         self._gateways_of: dict[str, set[str]] = {}
         self._keys_of_cluster: dict[str, set[str]] = {}
+        # The local overlay: records standing in for the local cluster's keys (None: off).
+        self._overlay: dict[str, Entry] | None = None
+        self._local_cluster_key = keys.cluster(local_cluster)
+        self._local_prefixes = tuple(
+            f"{keys.ROOT}{kind}/{local_cluster}/" for kind in CLUSTER_KINDS if kind != "clusters"
+        )
         self._last_seen: dict[str, float] = {}
         self._log: deque[_LogEntry] = deque()
         self._log_size = 0
@@ -518,6 +528,62 @@ class CatalogBuilder:
     def last_seen(self) -> Mapping[str, float]:
         """Per-cluster confirmation times (a read-only copy)."""
         return MappingProxyType(dict(self._last_seen))
+
+    @property
+    def busy(self) -> bool:
+        """True while a stepwise Reset is between slices (mutations must wait for it)."""
+        return self._busy
+
+    # -- the local overlay --
+
+    @property
+    def local_overlay(self) -> Mapping[str, Entry] | None:
+        """The records standing in for the local cluster's keys, or None (from the store)."""
+        return None if self._overlay is None else MappingProxyType(self._overlay)
+
+    def is_local_key(self, key: str) -> bool:
+        """True for the local cluster's record, gateway, export and endpoint keys."""
+        return key == self._local_cluster_key or key.startswith(self._local_prefixes)
+
+    def set_local_overlay(self, records: Mapping[str, Entry] | None) -> bool:
+        """Take the local cluster's records from ``records`` instead of the store.
+
+        While an overlay is set, every local cluster-scoped key (cluster record,
+        gateways, exports, endpoints) is visible exactly as ``records`` says (under the
+        import rule), whatever the store holds: a Reset or a Delete of a local key
+        changes nothing visible, and a local key the store holds but ``records`` lacks
+        is not visible. ``None`` turns the overlay off: the local keys are the store's
+        again. Remote clusters, bundles, revocations and policies always come from the
+        store, and what is *held* from the store (``last_seen``, expiry, Reset diffs)
+        is unaffected. Changes go through the same version log as store events: one
+        bump if anything visible changed (returned True), none otherwise.
+
+        Raises ValueError for a key that is not a local cluster-scoped key, a value
+        that is not a cluster/gateway/export/endpoint record, or a record stored under
+        a key that is not its own.
+        """
+        self._check_idle()
+        new: dict[str, Entry] | None = None
+        if records is not None:
+            new = dict(records)
+            for key, entry in new.items():
+                if not self.is_local_key(key):
+                    raise ValueError(f"overlay key {key!r} is not one of {self.local_cluster}'s")
+                local_kinds = ClusterRecord | GatewayRecord | ExportRecord | EndpointRecord
+                if not isinstance(entry, local_kinds) or entry.key() != key:
+                    raise ValueError(f"overlay value for {key!r} is not that key's record")
+        old = self._overlay
+        affected: set[str] = set()
+        if old is None or new is None:
+            # The source of the local keys changes (or stays the store): every local key
+            # on either side may change.
+            affected.update(self._keys_of_cluster.get(self.local_cluster, ()))
+            affected.update(old or ())
+            affected.update(new or ())
+        else:
+            affected.update(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        self._overlay = new
+        return self._publish(affected)
 
     # -- events --
 
@@ -839,7 +905,10 @@ class CatalogBuilder:
         return isinstance(export, ExportRecord) and export.exports_to(self.local_cluster)
 
     def _visible_value(self, key: str) -> Entry | None:
-        entry = self._records.get(key)
+        if self._overlay is not None and self.is_local_key(key):
+            entry = self._overlay.get(key)
+        else:
+            entry = self._records.get(key)
         if isinstance(entry, EndpointRecord):
             return entry if self._imports(entry.cluster, entry.namespace, entry.service) else None
         if isinstance(entry, ExportRecord):

@@ -10,6 +10,11 @@
   (atomically) after the first sync, and loaded at start. Until the first Reset
   the source serves the persisted catalog under its own (old) epoch, not synced;
   after it, the builder's catalog under the new epoch (subscribers resnapshot).
+* Its own cluster's records come from the publisher, not the store round trip
+  (:meth:`CatalogImporter.set_local_records`, the builder's local overlay): while
+  the agent speaks for its cluster, a Reset that lacks its expired keys or the
+  Deletes of a lease expiry change nothing its local sidecars see; a record the
+  agent withdraws leaves at once. Remote clusters come only from the store.
 * ``degraded`` mirrors :class:`StoreHealth`; waiters are woken on every change
   of version, synced or degraded.
 * A Reset (100k keys on a full re-list) is applied in slices with a checkpoint
@@ -27,9 +32,9 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import trio
 
@@ -44,7 +49,7 @@ from federation.catalog import (
     Change,
     Delta,
 )
-from federation.model import RecordError
+from federation.model import Entry, RecordError
 from federation.names import InvalidName
 from federation.store.api import KeyValue, Put, Reset, Store, WatchEvent, apply_events, diff_reset
 from trust.atomicfile import write_atomic
@@ -80,6 +85,13 @@ def load_persisted(state_dir: Path, local_cluster: str) -> tuple[Catalog | None,
 
 async def _in_thread(fn: Callable[[], None]) -> None:
     await trio.to_thread.run_sync(fn)
+
+
+class _Nothing:
+    """No local records waiting to be applied."""
+
+
+_NOTHING: Final = _Nothing()
 
 
 # -- the source -------------------------------------------------------------------------------
@@ -127,6 +139,7 @@ class CatalogImporter:
         self._persisted_version: tuple[str, int] | None = None
         self.persist_count = 0
         self.events_applied = 0
+        self._local_pending: Mapping[str, Entry] | _Nothing | None = _NOTHING
         health.subscribe(self._on_health)
 
     # -- CatalogSource --
@@ -177,6 +190,30 @@ class CatalogImporter:
     async def wait_changed(self, version: int, synced: bool, degraded: bool) -> None:
         while (self.version, self.synced, self.degraded) == (version, synced, degraded):
             await self._changed.wait()
+
+    # -- its own cluster --
+
+    def set_local_records(self, records: Mapping[str, Entry] | None) -> None:
+        """This cluster's records as the agent publishes them (None: take them from the
+        store). Applied at once, or right after a Reset that is being applied in slices
+        (the newest call wins); subscribers are woken if the catalog changed."""
+        self._local_pending = records
+        self._apply_local_records()
+
+    @property
+    def local_from_publisher(self) -> bool:
+        """True while the catalog's own-cluster records come from the publisher."""
+        return self.builder.local_overlay is not None
+
+    def _apply_local_records(self) -> None:
+        records = self._local_pending
+        if isinstance(records, _Nothing) or self.builder.busy:
+            return
+        self._local_pending = _NOTHING
+        before = (self.epoch, self.version, self.synced)
+        self.builder.set_local_overlay(records)
+        if (self.epoch, self.version, self.synced) != before:
+            self._notify()
 
     # -- running --
 
@@ -230,6 +267,9 @@ class CatalogImporter:
             finally:
                 if gc_was_enabled:
                     gc.enable()
+                # Local records handed over while the Reset was in slices (it saw the
+                # previous ones, so nothing local flapped meanwhile).
+                self._apply_local_records()
             self._applied(event, before, applied)
 
     def _applied(self, event: WatchEvent, before: tuple[str, int, bool], applied: Applied) -> None:

@@ -11,6 +11,13 @@ equal content under the current lease is left alone, anything else is
 rewritten by CAS on the listed revision, keys nobody wants are deleted. So a
 restart, a takeover or a re-registration converges without duplicates.
 
+The publisher is also the source of the agent's *own* catalog for its cluster
+(:meth:`ClusterPublisher.set_local_view`): whenever the desired state or the
+registration phase changes, it hands the importer the records it means to
+publish (or None while another agent holds the cluster), so a lease expiry or a
+re-list while it is cut off never empties its local sidecars' view of their own
+cluster (docs/agent.md "Its own cluster's records").
+
 Time: timers use ``trio.current_time()``; ``written_at`` uses the injected
 wall clock (``wall``), because other clusters compare it with their own clocks
 for the sync-lag metric.
@@ -21,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import trio
@@ -101,6 +108,7 @@ class ClusterPublisher:
         self._peer_alive: dict[str, bool] = {}
         self.bundle_published: bool = False
         self.last_bundle_error: str = ""
+        self._local_view: Callable[[Mapping[str, Record] | None], None] | None = None
         registry.set_on_change(self.poke)
         metrics.set_phase(registration.phase)
 
@@ -109,6 +117,20 @@ class ClusterPublisher:
     def poke(self) -> None:
         """The desired state changed (a registration): reconcile soon."""
         self._dirty.set()
+        self._push_local_view()
+
+    def set_local_view(self, sink: Callable[[Mapping[str, Record] | None], None]) -> None:
+        """Hand ``sink`` this cluster's records as the agent's own catalog must show them:
+        the desired records while the registration speaks for the cluster, else None
+        (take them from the store). Called now and on every change of either."""
+        self._local_view = sink
+        self._push_local_view()
+
+    def local_records(self) -> dict[str, Record] | None:
+        """What :meth:`set_local_view` hands over right now."""
+        if not self.registration.speaks_for_cluster:
+            return None
+        return {key: d.record for key, d in self.desired().items()}
 
     def set_peer_alive(self, alive: dict[str, bool]) -> None:
         """Peer-gateway liveness from this cluster's gateway (federation/agent/gatewaywatch.py)."""
@@ -423,3 +445,8 @@ class ClusterPublisher:
 
     def _phase_changed(self) -> None:
         self.metrics.set_phase(self.registration.phase)
+        self._push_local_view()
+
+    def _push_local_view(self) -> None:
+        if self._local_view is not None:
+            self._local_view(self.local_records())

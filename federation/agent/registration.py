@@ -27,6 +27,13 @@ Rules (docs/agent.md "Fencing"):
 * A record of this agent's own epoch (a lease it lost track of, e.g. after a
   long store outage that etcd survived with its leases re-armed) is adopted.
 
+* ``speaks_for_cluster``: whether the agent's own catalog takes its cluster's
+  records from what it publishes (docs/agent.md "Its own cluster's records").
+  True from a successful claim until the store names another holder (a lost
+  claim, STANDBY, or a record of another epoch): lease trouble keeps it, since a
+  fenced agent still means to publish exactly what it did, and only re-claiming
+  tells whether someone else took over.
+
 The adapter (``publisher.py``) performs the I/O these methods ask for.
 """
 
@@ -127,6 +134,8 @@ class Registration:
         self.last_fence: FenceReason | None = None
         self.holder: str | None = None
         """The other epoch holding the record while in STANDBY."""
+        self.speaks_for_cluster = False
+        """The agent's catalog shows its cluster as it publishes it (see the module doc)."""
 
     # -- queries --
 
@@ -188,6 +197,7 @@ class Registration:
         self.record_revision = record_revision
         self.registrations += 1
         self.holder = None
+        self.speaks_for_cluster = True
         # Take over at most once: after holding the cluster, an agent that loses it
         # to another epoch must wait rather than snatch it back.
         self._takeover = False
@@ -197,6 +207,7 @@ class Registration:
         self._require(Phase.REGISTERING)
         self.phase = Phase.STANDBY
         self.holder = holder
+        self.speaks_for_cluster = False
 
     # -- while active --
 
@@ -227,6 +238,7 @@ class Registration:
             return
         if found_epoch is not None and found_epoch != self.epoch:
             self.holder = found_epoch
+            self.speaks_for_cluster = False
             self._fence(FenceReason.RECORD_TAKEN)
         elif found_epoch is None or mod_revision != self.record_revision:
             self._fence(FenceReason.RECORD_CHANGED)

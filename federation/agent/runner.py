@@ -186,6 +186,9 @@ class Agent:
             bundle=self.bundle,
             wall=opts.wall,
         )
+        # The catalog shows this cluster as the agent publishes it, not as the store
+        # last echoed it (docs/agent.md "Its own cluster's records").
+        self.publisher.set_local_view(self.source.set_local_records)
         self.signer = CaSigner(self.ca_dir, ttl=dt.timedelta(seconds=settings.svid_ttl))
         self.svid_ttl = dt.timedelta(seconds=settings.svid_ttl)
         # The agent's own identity for the catalog stream; it holds the CA, so it
@@ -241,6 +244,7 @@ class Agent:
                 "version": catalog.version,
                 "entries": len(catalog.entries),
                 "source": "store" if src.synced else ("persisted" if src.preloaded else "empty"),
+                "local_records": "publisher" if src.local_from_publisher else "store",
             },
             "peers": {
                 c: {"last_seen_age": round(max(0.0, now - t), 3)}

@@ -317,9 +317,7 @@ async def test_two_agents_race_for_one_cluster_on_real_etcd(tmp_path, etcd_serve
 
     config = demo_config()
     ca = make_ca(tmp_path, "aws-use1", config)
-    opts = AgentOptions(
-        serve_admin=False, serve_catalog=False, watch_gateway=False, lease_ttl=TTL
-    )
+    opts = AgentOptions(serve_admin=False, serve_catalog=False, watch_gateway=False, lease_ttl=TTL)
     a = Agent(config, "aws-use1", etcd_server.url, ca, tmp_path / "a", opts)
     b = Agent(config, "aws-use1", etcd_server.url, ca, tmp_path / "b", opts)
     async with trio.open_nursery() as n:
@@ -328,4 +326,109 @@ async def test_two_agents_race_for_one_cluster_on_real_etcd(tmp_path, etcd_serve
         await wait_for(lambda: {a.phase, b.phase} == {Phase.ACTIVE, Phase.STANDBY}, 30)
         await trio.sleep(2 * TTL)
         assert {a.phase, b.phase} == {Phase.ACTIVE, Phase.STANDBY}
+        n.cancel_scope.cancel()
+
+
+async def test_own_endpoints_never_leave_the_catalog_across_partition_compaction_and_heal(
+    tmp_path, etcd_server
+):
+    # Issue #9: aws-use1's agent is cut from etcd past its lease (its keys expire), etcd
+    # compacts, the link heals: the watch re-lists (a Reset without aws-use1's keys)
+    # before the agent has re-registered. Its own catalog must hold its endpoints
+    # throughout, and the heal must not cost it a catalog version.
+    proxy = Proxy(etcd_server.client_port)
+    async with trio.open_nursery() as n:
+        await n.start(proxy.serve)
+        aws = AgentProcess(tmp_path, "aws-use1", f"etcd://127.0.0.1:{proxy.port}")
+        gcp = AgentProcess(tmp_path, "gcp-euw1", etcd_server.url)
+        whoami = keys.endpoint("aws-use1", "demo", "whoami", "whoami-a-0")
+        greeter = keys.endpoint("gcp-euw1", "demo", "greeter", "greeter-0")
+        try:
+            aws.start()
+            gcp.start()
+            await eventually(lambda: _has(aws, greeter), 60)
+            await eventually(lambda: _has(gcp, whoami))
+            await eventually(lambda: _active(aws))
+            own = {
+                k for k in await aws.entries() if k.startswith(keys.prefix("endpoints", "aws-use1"))
+            }
+            assert whoami in own
+            first = await aws.status()
+            polls: list[set[str]] = []
+
+            async def poll() -> None:
+                while True:
+                    polls.append(await aws.entries())
+                    await trio.sleep(0.02)
+
+            async with trio.open_nursery() as watcher:
+                watcher.start_soon(poll)
+                proxy.blackhole(True)
+                await eventually(lambda: _lacks(gcp, whoami))  # aws-use1's lease expired
+                async with open_store(etcd_server.url) as store:
+                    rev = await store.current_revision()
+                await trio.to_thread.run_sync(etcd_server.compact, rev)
+                proxy.blackhole(False)
+                await eventually(lambda: _has(gcp, whoami))  # re-registered
+                await eventually(lambda: _active(aws))
+                await eventually(lambda: _degraded(aws, False))
+                await trio.sleep(1)
+                watcher.cancel_scope.cancel()
+            last = await aws.status()
+            assert last["registrations"] == first["registrations"] + 1  # it did lose the lease
+            assert polls and all(own <= seen for seen in polls if seen)
+            assert last["catalog"]["version"] == first["catalog"]["version"]
+            assert last["catalog"]["local_records"] == "publisher"
+        finally:
+            aws.kill(signal.SIGTERM)
+            gcp.kill(signal.SIGTERM)
+            n.cancel_scope.cancel()
+
+
+async def test_real_etcd_reset_before_reregistration_keeps_own_endpoints(tmp_path, etcd_server):
+    # The drill's order, forced: aws-use1's lease expires in a real etcd, etcd compacts,
+    # and the watch re-lists while the agent's own calls still fail (it cannot have
+    # re-registered yet). Then its calls come back and it re-publishes.
+    from federation.agent.registration import Phase
+    from federation.agent.runner import Agent, AgentOptions
+    from tests.agent.test_own_records import SplitStore
+
+    config = demo_config()
+    opts = AgentOptions(serve_admin=False, serve_catalog=False, watch_gateway=False, lease_ttl=TTL)
+    agent = Agent(
+        config,
+        "aws-use1",
+        etcd_server.url,
+        make_ca(tmp_path, "aws-use1", config),
+        tmp_path / "state",
+        opts,
+    )
+    whoami = keys.endpoint("aws-use1", "demo", "whoami", "whoami-a-0")
+    async with open_store(etcd_server.url) as store, trio.open_nursery() as n:
+        split = SplitStore(store)
+        await n.start(lambda task_status: agent.run(store=split, task_status=task_status))
+        await wait_for(lambda: agent.phase is Phase.ACTIVE and agent.source.synced)
+        await wait_for(lambda: whoami in agent.source.snapshot().entries)
+        await trio.sleep(0.5)
+        before = agent.source.snapshot()
+        split.calls_down = True
+        split.set_down(True)
+        with trio.fail_after(30):
+            while await store.get(whoami) is not None:  # the lease expired in etcd
+                await trio.sleep(0.1)
+        await trio.to_thread.run_sync(etcd_server.compact, await store.current_revision())
+        resets = agent.source.builder.statistics().resets
+        split.set_down(False)
+        await wait_for(lambda: agent.source.builder.statistics().resets > resets)
+        assert agent.phase is not Phase.ACTIVE
+        assert agent.source.snapshot().version == before.version
+        assert agent.source.snapshot().entries == before.entries
+        split.calls_down = False
+        await wait_for(lambda: agent.phase is Phase.ACTIVE)
+        with trio.fail_after(30):
+            while await store.get(whoami) is None:
+                await trio.sleep(0.1)
+        await trio.sleep(0.5)
+        assert agent.source.snapshot().version == before.version
+        assert agent.source.snapshot().entries == before.entries
         n.cancel_scope.cancel()

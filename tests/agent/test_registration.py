@@ -139,3 +139,57 @@ def test_inputs_outside_their_phase_are_errors(call):
 def test_ttl_must_be_positive():
     with pytest.raises(ValueError):
         Registration("inc-a", 0)
+
+
+def test_speaks_for_cluster_from_the_first_claim_only():
+    reg = Registration("inc-a", TTL)
+    assert not reg.speaks_for_cluster  # not yet known to be the cluster's writer
+    reg.lease_granted(1, 0.0)
+    assert not reg.speaks_for_cluster
+    reg.decide_claim(None, 0, 0)
+    reg.claimed(10, 0.0)
+    assert reg.speaks_for_cluster
+
+
+@pytest.mark.parametrize("trouble", ["deadline", "lease_lost"])
+def test_lease_trouble_keeps_speaking_for_the_cluster_through_reregistration(trouble):
+    # Cut off from the store: the agent still means to publish what it did, so its
+    # catalog keeps its own records while it is fenced and re-registering.
+    reg = active(now=0.0)
+    if trouble == "deadline":
+        assert reg.tick(TTL)
+    else:
+        reg.lease_lost()
+    assert reg.phase is Phase.FENCED and reg.speaks_for_cluster
+    reg.reregister()
+    reg.lease_granted(8, 10.0)
+    assert reg.phase is Phase.REGISTERING and reg.speaks_for_cluster
+    reg.decide_claim("inc-a", 4, 7)
+    reg.claimed(20, 10.0)
+    assert reg.speaks_for_cluster
+
+
+def test_another_holder_ends_speaking_for_the_cluster():
+    reg = active(now=0.0)
+    reg.record_seen("inc-b", 11)  # taken over
+    assert reg.last_fence is FenceReason.RECORD_TAKEN and not reg.speaks_for_cluster
+    reg.reregister()
+    reg.lease_granted(8, 1.0)
+    assert isinstance(reg.decide_claim("inc-b", 11, 9), ClaimWait)
+    reg.claim_lost("inc-b")
+    assert reg.phase is Phase.STANDBY and not reg.speaks_for_cluster
+    reg.reregister()  # the holder went: claiming again makes it speak again
+    reg.lease_granted(9, 2.0)
+    reg.decide_claim(None, 0, 0)
+    reg.claimed(30, 2.0)
+    assert reg.speaks_for_cluster
+
+
+def test_a_lost_claim_race_after_lease_trouble_stops_speaking():
+    reg = active(now=0.0)
+    reg.lease_lost()
+    reg.reregister()
+    reg.lease_granted(8, 1.0)
+    reg.decide_claim(None, 0, 0)
+    reg.claim_lost("inc-c")  # the create CAS lost: someone else holds the record now
+    assert reg.phase is Phase.STANDBY and not reg.speaks_for_cluster
