@@ -3,10 +3,12 @@
 Every shape runs two clusters, each with its own trust domain as in ``pki``: ``bench-a``
 runs the ``client`` workload whose outbound listener is the load generator's entry,
 ``bench-b`` runs the ``echo`` workload serving ``echo.bench`` from the backend. Every
-process is a real ``meshfed sidecar run`` / ``meshfed gateway run`` with ``--svid-dir``
-(the SVIDs of ``pki``, minted by the project's CA code, ``trust.svid.issue_svid``, which
-is what ``meshfed trust issue`` runs) and ``--catalog`` (a static catalog file per
-cluster, as the federation agent would stream it, so no agent or store is needed).
+process is a real sidecar (``python -m sidecar``: ``meshfed sidecar run``'s options and
+code without the typer CLI, as ``meshfed up`` starts it) or ``meshfed gateway run``, with
+``--svid-dir`` (the SVIDs of ``pki``, minted by the project's CA code,
+``trust.svid.issue_svid``, which is what ``meshfed trust issue`` runs) and ``--catalog``
+(a static catalog file per cluster, as the federation agent would stream it, so no
+agent or store is needed).
 The per-caller inbound connection rate limit is raised out of the way: the
 new-connection scenario measures handshakes, not the limiter.
 
@@ -24,6 +26,7 @@ agents would publish; the config carries the same addresses and ports.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,10 +268,17 @@ def _svid_dir(base: Path, svid: SvidFiles, bundles: dict[str, bytes] | None = No
     return base
 
 
+def sidecar_command() -> list[str]:
+    """How sidecars start, as ``meshfed up`` starts them: ``python -m sidecar`` takes
+    ``meshfed sidecar run``'s options without loading the typer CLI (sidecar/entry.py)."""
+    return [sys.executable, "-m", "sidecar"]
+
+
 def process_specs(
     shape: Shape, ctx: StartContext, meshfed_cmd: list[str], ports: Callable[[], int]
 ) -> list[ProcessSpec]:
-    """``meshfed sidecar run`` / ``meshfed gateway run`` command lines, upstream first."""
+    """Sidecar (:func:`sidecar_command`) and ``meshfed gateway run`` command lines,
+    upstream first."""
     from bench.harness.topology import ProcessSpec
 
     if why := not_wired(shape):
@@ -288,9 +298,7 @@ def process_specs(
 
     def sidecar(workload: str, role: str, cluster: str, port: int) -> ProcessSpec:
         argv = [
-            *meshfed_cmd,
-            "sidecar",
-            "run",
+            *sidecar_command(),
             "--config",
             str(cfg),
             "--workload",

@@ -218,15 +218,19 @@ def build_plan(
     etcd_binary: str = "etcd",
     sidecar_has_cluster_flag: bool = False,
     rate: float = 4.0,
+    sidecar: Sequence[str] | None = None,
 ) -> Plan:
     """The components of a run of ``cfg`` (already port-shifted; ``extra`` likewise).
 
-    ``meshfed`` is the command prefix that runs the CLI (``[python, -m, ...]``).
+    ``meshfed`` is the command prefix that runs the CLI (``[python, -m, ...]``);
+    ``sidecar`` the one that runs a sidecar (``[python, -m, sidecar]``, the same
+    options as ``meshfed sidecar run``, its default).
     ``store``: ``embedded`` runs the agents in-process; ``etcd`` starts etcd on
     ``extra``'s ports and one agent process per cluster; ``external`` uses an
     etcd at ``store_url`` with agent processes.
     """
     mf = tuple(meshfed)
+    sc = tuple(sidecar) if sidecar is not None else (*mf, "sidecar", "run")
     comps: list[Component] = []
     if store == "etcd":
         client = f"127.0.0.1:{extra.etcd_client}"
@@ -327,7 +331,7 @@ def build_plan(
             assert w.admin_port is not None  # configcopy gives every workload one
             admin = f"{SIDECAR_ADMIN_HOST}:{_rp(w.address, w.admin_port, i)}"
             argv = [
-                *mf, "sidecar", "run", "--config", wconfig, "--workload", w.name,
+                *sc, "--config", wconfig, "--workload", w.name,
                 "--replica", str(i), "--state-dir", str(layout.sidecar_state(w.cluster, ep)),
                 "--bundles", str(layout.bundles), "--drain", "2",
             ]  # fmt: skip
