@@ -53,6 +53,7 @@ FaultKind = Literal[
     "etcd-compact",
     "ca-rotate",
     "cert-expire",
+    "cert-renew",
     "bundle-rollback",
     "rolling-restart",
 ]
@@ -83,6 +84,7 @@ FAULT_TARGETS: Final[Mapping[FaultKind, frozenset[TargetKind]]] = MappingProxyTy
         "ca-rotate": frozenset({"cluster"}),
         "bundle-rollback": frozenset({"cluster"}),
         "cert-expire": frozenset({"endpoint", "gateway", "agent"}),
+        "cert-renew": frozenset({"endpoint", "gateway", "agent"}),
         "rolling-restart": frozenset({"zone", "cluster", "gateway", "endpoint"}),
     }
 )
@@ -94,12 +96,15 @@ RESTORES: Final[Mapping[FaultKind, frozenset[FaultKind]]] = MappingProxyType(
         "revive": frozenset({"kill"}),
         "heal": frozenset({"partition", "latency", "blackhole", "reset", "bandwidth"}),
         "etcd-start": frozenset({"etcd-stop"}),
+        "cert-renew": frozenset({"cert-expire"}),
     }
 )
 #: Faults that break or degrade something; the first one starts the failover clock.
 DISRUPTIVE: Final[frozenset[FaultKind]] = frozenset(FAULT_KINDS) - frozenset(RESTORES)
 
-ParamName = Literal["delay", "jitter", "bytes_per_second", "burst", "interval", "batch"]
+ParamName = Literal[
+    "delay", "jitter", "bytes_per_second", "burst", "interval", "batch", "max_wait"
+]
 
 #: Parameters each fault requires and allows; anything else is an error.
 FAULT_PARAMS: Final[Mapping[FaultKind, tuple[frozenset[ParamName], frozenset[ParamName]]]] = (
@@ -111,7 +116,9 @@ FAULT_PARAMS: Final[Mapping[FaultKind, tuple[frozenset[ParamName], frozenset[Par
                 frozenset({"bytes_per_second", "burst"}),
             ),
             "rolling-restart": (frozenset(), frozenset({"interval", "batch"})),
-            "ca-rotate": (frozenset(), frozenset({"interval"})),
+            "ca-rotate": (frozenset(), frozenset({"interval", "max_wait"})),
+            "cert-expire": (frozenset(), frozenset({"max_wait"})),
+            "cert-renew": (frozenset(), frozenset({"max_wait"})),
         }
     )
 )
@@ -294,6 +301,10 @@ class FaultParams:
     """``rolling-restart``: pause between batches; ``ca-rotate``: time between steps."""
     batch: Annotated[int, Range(1, 100)] | None = None
     """``rolling-restart``: endpoints restarted at once (default 1)."""
+    max_wait: PositiveDuration | None = None
+    """``ca-rotate``: longest wait for the drop step to be allowed after the switch (default
+    the federation's ``svid_ttl`` + 30 s); ``cert-expire``: for the frozen SVID to expire
+    (default ``svid_ttl`` + 30 s); ``cert-renew``: for a fresh SVID (default 30 s)."""
 
     def given(self) -> frozenset[ParamName]:
         """The names of the parameters that are set."""
@@ -315,7 +326,7 @@ class TimelineEvent:
     target: FaultTarget
     """What it is done to, e.g. ``zone:aws-use1/us-east-1a`` or ``link:aws-use1->gcp-euw1``."""
     params: FaultParams = FaultParams()
-    """Fault parameters (latency, bandwidth, rolling-restart and ca-rotate only)."""
+    """Fault parameters (latency, bandwidth, rolling-restart, ca-rotate, cert-expire/renew)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -363,12 +363,13 @@ def _check_budgets(drill: Drill, config: FederationConfig) -> Iterator[Found]:
             yield (
                 "budgets.recovery.event",
                 f"timeline[{event}] is not a restoring fault",
-                "give the index of a heal, revive, resume or etcd-start",
+                "give the index of a heal, revive, resume, etcd-start or cert-renew",
             )
         elif recovery_event(drill) is None:
             yield (
                 "budgets.recovery",
-                "a recovery budget needs a restoring fault (heal, revive, resume, etcd-start) "
+                "a recovery budget needs a restoring fault "
+                "(heal, revive, resume, etcd-start, cert-renew) "
                 "after the failover fault",
                 "add one, or remove the budget",
             )

@@ -8,7 +8,10 @@ generation, an agent reporting a refusal, ...). A fault that cannot be applied i
 with the reason, which fails the drill's *faults applied and verified* verdict.
 
 Pure parts: :func:`process_targets`, :func:`link_names`, :func:`fault_setting`,
-:func:`check_link_status`. The rest is a thin trio adapter over ``meshfed up``'s supervisor
+:func:`check_link_status`, :func:`drop_wait` (when may ``ca-rotate``'s drop run),
+:func:`check_issuers` (which CA signed the workloads' SVIDs), :func:`check_svid_expired`
+and :func:`check_fresh_svid` (``cert-expire`` / ``cert-renew`` evidence from a sidecar's
+``/stats``). The rest is a thin trio adapter over ``meshfed up``'s supervisor
 (in this process, or through ``control.sock`` when attached), the fault proxies, the store
 and the trust CA directories.
 """
@@ -46,7 +49,11 @@ __all__ = [
     "ProcessControl",
     "SocketControl",
     "SupervisorControl",
+    "check_fresh_svid",
+    "check_issuers",
     "check_link_status",
+    "check_svid_expired",
+    "drop_wait",
     "fault_setting",
     "link_names",
     "process_targets",
@@ -136,6 +143,90 @@ def check_link_status(
     if int(after.get("generation", 0)) <= int(before.get("generation", 0)):
         return False, "proxy generation did not advance"
     return True, f"mode {setting.mode} at generation {after.get('generation')}"
+
+
+def drop_wait(
+    allowed_at: dt.datetime | None, now: dt.datetime, deadline: dt.datetime
+) -> float | None:
+    """Seconds to wait before ``ca-rotate``'s drop step may run: 0 when it is allowed now
+    (``allowed_at`` None or passed: no SVID of the old CA can still be valid), None when it
+    will not be allowed by ``deadline`` (the injector then tries at the deadline and records
+    the refusal: a drop that did not happen is never skipped silently)."""
+    if allowed_at is None or allowed_at <= now:
+        return 0.0
+    if allowed_at > deadline:
+        return None
+    return (allowed_at - now).total_seconds()
+
+
+def _time(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else None
+
+
+def check_issuers(
+    statuses: Mapping[str, Mapping[str, Any] | None], key_id: str
+) -> tuple[bool, str]:
+    """Whether every sidecar (name -> its ``/stats``, None if it did not answer) holds an SVID
+    signed by the CA whose subject key identifier is ``key_id`` (hex)."""
+    if not statuses:
+        return False, "no live sidecar to check"
+    silent = sorted(n for n, st in statuses.items() if not st)
+    other = sorted(
+        n for n, st in statuses.items() if st and st.get("svid_issuer_key_id") != key_id
+    )
+    if silent or other:
+        parts = []
+        if other:
+            parts.append(f"{len(other)} on another CA ({', '.join(other)})")
+        if silent:
+            parts.append(f"{len(silent)} did not answer ({', '.join(silent)})")
+        return False, "; ".join(parts)
+    return True, f"all {len(statuses)} sidecar SVIDs issued by CA {key_id[:16]}"
+
+
+def check_svid_expired(status: Mapping[str, Any] | None, now: dt.datetime) -> tuple[bool, str]:
+    """``cert-expire`` evidence: the sidecar's ``/stats`` shows its SVID past NotAfter while
+    renewal is frozen (the SVID it holds is the one that expired, not a renewed one)."""
+    if not status:
+        return False, "the sidecar did not answer /stats"
+    not_after = _time(status.get("svid_not_after"))
+    if not_after is None:
+        return False, f"no usable svid_not_after in /stats ({status.get('svid_not_after')!r})"
+    frozen = bool((status.get("svid_renewal") or {}).get("frozen"))
+    if not frozen:
+        return False, "renewal is not frozen"
+    if now < not_after:
+        left = (not_after - now).total_seconds()
+        return False, f"SVID valid until {not_after.isoformat()} ({left:.1f}s left)"
+    return True, (
+        f"SVID serial {status.get('svid_serial')} expired at {not_after.isoformat()}"
+        f" ({(now - not_after).total_seconds():.1f}s ago), renewal frozen"
+    )
+
+
+def check_fresh_svid(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None, now: dt.datetime
+) -> tuple[bool, str]:
+    """``cert-renew`` evidence: a new SVID (another serial) for the same SPIFFE ID, valid
+    now, with renewal no longer frozen."""
+    if not after:
+        return False, "the sidecar did not answer /stats"
+    not_after = _time(after.get("svid_not_after"))
+    if not_after is None or not_after <= now:
+        return False, f"SVID still expired (NotAfter {after.get('svid_not_after')})"
+    if before and after.get("svid_serial") == before.get("svid_serial"):
+        return False, "same SVID serial as the expired one"
+    if before and after.get("spiffe_id") != before.get("spiffe_id"):
+        return False, f"SPIFFE ID changed: {before.get('spiffe_id')} -> {after.get('spiffe_id')}"
+    if (after.get("svid_renewal") or {}).get("frozen"):
+        return False, "renewal still frozen"
+    return True, f"fresh SVID serial {after.get('svid_serial')} valid until {not_after.isoformat()}"
 
 
 def _params(event: TimelineEvent, **extra: ParamValue) -> dict[str, ParamValue]:
@@ -288,6 +379,10 @@ class Injector:
         self.faulted_links: set[str] = set()
         self.etcd_stopped = False
         self.rolled_back: dict[str, bytes] = {}
+        self.frozen: dict[str, ComponentInfo] = {}
+        """Sidecars whose renewal a ``cert-expire`` froze, by component name."""
+        self.expired_stats: dict[str, Any] = {}
+        """Their ``/stats`` when the expiry was seen (``cert-renew`` checks for a new serial)."""
 
     # -- recording --
 
@@ -317,7 +412,8 @@ class Injector:
             "bundle-rollback": self._bundle_rollback,
             "ca-rotate": self._ca_rotate,
             "rolling-restart": self._rolling_restart,
-            "cert-expire": self._unsupported,
+            "cert-expire": self._cert_expire,
+            "cert-renew": self._cert_renew,
         }
         try:
             await handlers[event.fault](event)
@@ -610,60 +706,301 @@ class Injector:
             f"wrote {td} sequence {stale.sequence} over {current.sequence}; {per}",
         )
 
+    async def _sidecar_stats(self, comps: Sequence[ComponentInfo]) -> dict[str, Any]:
+        """``/stats`` of each sidecar by component name (None where it does not answer)."""
+        out: dict[str, Any] = {}
+        for c in comps:
+            out[c.name] = (
+                (await http_get(c.admin, "/stats", timeout=1.0)).json() if c.admin else None
+            )
+        return out
+
+    def _cluster_sidecars(self, cluster: str) -> list[ComponentInfo]:
+        """Every live sidecar of ``cluster``, callers included."""
+        out: list[ComponentInfo] = []
+        for w in self.fed.cfg.workloads:
+            if w.cluster != cluster:
+                continue
+            for r in range(w.replicas):
+                with contextlib.suppress(Exception):  # a workload this run left out
+                    out += [
+                        c
+                        for c in self.fed.control.resolve(f"sidecar/{cluster}/{w.name}-{r}")
+                        if c.kind == "sidecar" and c.state in LIVE and c.admin
+                    ]
+        return out
+
     async def _ca_rotate(self, event: TimelineEvent) -> None:
+        """publish, switch, drop; ``interval`` apart, the drop also not before the old CA's
+        last SVID has expired (``CaRotation.drop_allowed_at``), at most ``max_wait`` after
+        the switch. One record per step, each verified on the agents' bundles; the switch
+        also on the signing CA and on every live sidecar of the cluster renewing with the
+        new CA, the drop on the old root being gone everywhere."""
         from trust.publish import publish_bundle
-        from trust.rotation import CaDirectory
+        from trust.rotation import CaDirectory, RotationRefused
 
         cluster = self.fed.cfg.cluster(event.target.cluster)
         td = cluster.trust_domain
         interval = event.params.interval or 5.0
+        ttl = self.fed.cfg.federation.settings.svid_ttl
+        max_wait = event.params.max_wait or (ttl + 30.0)
         ca_path = self.fed.layout.ca_dir(td)
         steps = ("publish", "switch", "drop")
-        async with self._store() as store:
-            for i, step in enumerate(steps):
-                if i:
-                    await trio.sleep(interval)
-                if store is None:
-                    self._record(event, self.now(), False, "store not reachable", step=step)
-                    continue
-                try:
-                    ca = CaDirectory.open(ca_path)
-                    active_before = (ca_path / "ca.crt").read_bytes()
-                    bundle = ca.rotate(step, dt.datetime.now(dt.UTC))  # type: ignore[arg-type]
-                    await publish_bundle(store, bundle)
-                except Exception as exc:
-                    self._record(event, self.now(), False, f"{step} refused: {exc}", step=step)
-                    for rest in steps[i + 1 :]:
+        done: list[str] = []
+        try:
+            async with self._store() as store:
+                for i, step in enumerate(steps):
+                    if i:
+                        await trio.sleep(interval)
+                    if store is None:
+                        self._record(event, self.now(), False, "store not reachable", step=step)
+                        done.append(step)
+                        continue
+                    extra = ""
+                    if step == "drop":
+                        extra = await self._wait_for_drop(ca_path, max_wait)
+                    try:
+                        ca = CaDirectory.open(ca_path)
+                        active_before = (ca_path / "ca.crt").read_bytes()
+                        bundle = ca.rotate(step, dt.datetime.now(dt.UTC))  # type: ignore[arg-type]
+                        await publish_bundle(store, bundle)
+                    except Exception as exc:
+                        why = exc.problem if isinstance(exc, RotationRefused) else str(exc)
                         self._record(
-                            event, self.now(), False, f"not attempted after {step}", step=rest
+                            event, self.now(), False, f"{step} refused: {why}{extra}", step=step
                         )
-                    return
-                t_applied = self.now()
-                from federation.agent.overview import fingerprints
-
-                want = fingerprints(bundle.roots)
-
-                async def agents_hold(seq: int = bundle.sequence, want: list[str] = want) -> bool:
-                    st = await self._agent_status()
-                    return bool(st) and all(
-                        ((s or {}).get("bundles") or {}).get(td, {}).get("sequence") == seq
-                        and ((s or {}).get("bundles") or {}).get(td, {}).get("roots") == want
-                        for s in st.values()
+                        done.append(step)
+                        for rest in steps[i + 1 :]:
+                            self._record(
+                                event, self.now(), False, f"not attempted after {step}", step=rest
+                            )
+                            done.append(rest)
+                        return
+                    t_applied = self.now()
+                    ok, detail = await self._verify_rotation_step(
+                        step, td, bundle, ca_path, active_before, interval, ttl
+                    )
+                    self._record(event, t_applied, ok, detail + extra, step=step)
+                    done.append(step)
+        finally:
+            # Cancelled (the run's grace after the traffic ran out): a step that did not
+            # happen must show as such, never vanish from the report.
+            for step in steps:
+                if step not in done:
+                    self._record(
+                        event, self.now(), False, f"{step}: not done when the run ended", step=step
                     )
 
-                ok = await _until(agents_hold, min(VERIFY_TIMEOUT, max(1.0, interval / 2)))
-                switched = (ca_path / "ca.crt").read_bytes() != active_before
-                if step == "switch":
-                    ok = ok and switched
-                self._record(
-                    event,
-                    t_applied,
-                    ok,
-                    f"{step}: {td} bundle sequence {bundle.sequence}, {len(want)} root(s)"
-                    + (", signing CA switched" if step == "switch" and switched else "")
-                    + ("; every agent holds it" if ok else "; not every agent holds it"),
-                    step=step,
-                )
+    async def _wait_for_drop(self, ca_path: Path, max_wait: float) -> str:
+        """Sleep until ``drop_allowed_at`` has passed (re-read each time), at most
+        ``max_wait``; returns the record's detail suffix. Whether the drop is allowed then
+        is the drop step's own decision (``CaRotation.drop``), recorded either way."""
+        from trust.rotation import CaDirectory
+
+        t_start = trio.current_time()
+        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=max(0.0, max_wait))
+        allowed_at = None
+        while True:
+            allowed_at = CaDirectory.open(ca_path).state.drop_allowed_at()
+            wait = drop_wait(allowed_at, dt.datetime.now(dt.UTC), deadline)
+            if wait == 0.0:
+                break
+            if wait is None:  # not allowed in time: try at the deadline; the refusal is recorded
+                await trio.sleep(max(0.0, (deadline - dt.datetime.now(dt.UTC)).total_seconds()))
+                break
+            await trio.sleep(wait + 0.2)  # past NotAfter, strictly
+        waited = trio.current_time() - t_start
+        when = allowed_at.isoformat(timespec="seconds") if allowed_at else "now"
+        return f"; waited {waited:.1f}s for the old CA's last SVID to expire ({when})"
+
+    async def _verify_rotation_step(
+        self,
+        step: str,
+        td: str,
+        bundle: Any,
+        ca_path: Path,
+        active_before: bytes,
+        interval: float,
+        ttl: float,
+    ) -> tuple[bool, str]:
+        from cryptography import x509
+
+        from federation.agent.overview import fingerprints
+
+        want = fingerprints(bundle.roots)
+
+        async def agents_hold(seq: int = bundle.sequence, want: list[str] = want) -> bool:
+            st = await self._agent_status()
+            return bool(st) and all(
+                ((s or {}).get("bundles") or {}).get(td, {}).get("sequence") == seq
+                and ((s or {}).get("bundles") or {}).get(td, {}).get("roots") == want
+                for s in st.values()
+            )
+
+        ok = await _until(agents_hold, min(VERIFY_TIMEOUT, max(1.0, interval / 2)))
+        detail = (
+            f"{step}: {td} bundle sequence {bundle.sequence}, {len(want)} root(s)"
+            + ("; every agent holds it" if ok else "; not every agent holds it")
+        )
+        if step == "publish":
+            return ok, detail
+        signing = x509.load_pem_x509_certificates((ca_path / "ca.crt").read_bytes())[0]
+        key_id = signing.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        ).value.digest.hex()
+        if step == "switch":
+            switched = (ca_path / "ca.crt").read_bytes() != active_before
+            detail += "; signing CA switched" if switched else "; signing CA did NOT change"
+            ok = ok and switched
+        # Every live sidecar must renew with the new CA: within one SVID lifetime at most
+        # (the renewal is due at about half of it). After the drop only these can be valid.
+        cluster = next(c.name for c in self.fed.cfg.clusters if c.trust_domain == td)
+        why = ""
+        renewed = False
+
+        async def on_new_ca() -> bool:
+            nonlocal why, renewed
+            st = await self._sidecar_stats(self._cluster_sidecars(cluster))
+            renewed, why = check_issuers(st, key_id)
+            return renewed
+
+        t_start = trio.current_time()
+        await _until(on_new_ca, ttl + 5.0 if step == "switch" else VERIFY_TIMEOUT)
+        detail += f"; {why}" + (
+            f" ({trio.current_time() - t_start:.1f}s after the step)" if step == "switch" else ""
+        )
+        if step == "drop":
+            detail += "; old root gone from every agent's bundle" if ok else ""
+        return ok and renewed, detail
+
+    # -- certificate expiry --
+
+    def _target_sidecars(self, event: TimelineEvent) -> list[ComponentInfo]:
+        return [
+            c
+            for t in process_targets(event.target, self.fed.cfg)
+            for c in self.fed.control.resolve(t)
+            if c.kind == "sidecar" and c.state in LIVE and c.admin
+        ]
+
+    async def _cert_expire(self, event: TimelineEvent) -> None:
+        """Freeze the target sidecars' SVID renewal (SIGUSR1, docs/drills.md), then wait
+        until the SVID they hold is past its NotAfter. Recorded when the expiry is seen."""
+        if event.target.kind != "endpoint":
+            self._record(
+                event,
+                self.now(),
+                False,
+                f"cert-expire on a {event.target.kind} is not supported: only sidecars expose a "
+                "renewal freeze (SIGUSR1)",
+            )
+            return
+        comps = [c for c in self._target_sidecars(event) if c.pid and not c.in_process]
+        if not comps:
+            self._record(event, self.now(), False, "no live sidecar process matched")
+            return
+        for c in comps:
+            assert c.pid is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c.pid, signal.SIGUSR1)
+            self.frozen[c.name] = c
+        t_frozen = self.now()
+
+        async def frozen() -> bool:
+            st = await self._sidecar_stats(comps)
+            return all(((s or {}).get("svid_renewal") or {}).get("frozen") for s in st.values())
+
+        if not await _until(frozen):
+            self._record(event, self.now(), False, "no sidecar confirmed the renewal freeze")
+            return
+        ttl = self.fed.cfg.federation.settings.svid_ttl
+        max_wait = event.params.max_wait or (ttl + 30.0)
+        results: dict[str, tuple[bool, str]] = {}
+
+        async def expired() -> bool:
+            st = await self._sidecar_stats(comps)
+            now = dt.datetime.now(dt.UTC)
+            results.update({n: check_svid_expired(s, now) for n, s in st.items()})
+            return all(ok for ok, _ in results.values())
+
+        ok = await _until(expired, max_wait)
+        t_expired = self.now()
+        self.expired_stats.update(await self._sidecar_stats(comps))
+        ready = [
+            c.name for c in comps if (await http_get(c.admin or "", "/ready", timeout=1.0)).status
+            == 200
+        ]
+        detail = (
+            f"renewal frozen at t={t_frozen:.1f}s; "
+            + "; ".join(f"{n}: {why}" for n, (_, why) in sorted(results.items()))
+            + (f"; still ready: {', '.join(ready)}" if ready else "; /ready 503")
+        )
+        if not ok:
+            detail += f" (gave up after {max_wait:.0f}s)"
+        self._record(event, t_expired, ok, detail)
+
+    async def _cert_renew(self, event: TimelineEvent) -> None:
+        """Resume renewal (SIGUSR2). An expired SVID cannot authenticate a renewal (the
+        agent verifies the client certificate), so a sidecar still expired after
+        ``VERIFY_TIMEOUT`` is re-attested: restarted with a fresh join token, as an
+        operator would. Verified on a fresh SVID for the same SPIFFE ID."""
+        names = [n for n in self.frozen if self._matches(event, n)]
+        t_applied = self.now()
+        if not names:
+            self._record(event, t_applied, False, "no frozen sidecar on this target")
+            return
+        comps = [self.frozen[n] for n in names]
+        for c in comps:
+            if c.pid:  # never 0: that would signal the runner's own process group
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c.pid, signal.SIGUSR2)
+        results: dict[str, tuple[bool, str]] = {}
+
+        async def fresh(comps: list[ComponentInfo] = comps) -> bool:
+            st = await self._sidecar_stats(comps)
+            now = dt.datetime.now(dt.UTC)
+            results.update(
+                {n: check_fresh_svid(self.expired_stats.get(n), s, now) for n, s in st.items()}
+            )
+            return all(ok for ok, _ in results.values())
+
+        how = "renewed in place"
+        if not await _until(fresh):
+            stuck = [n for n in names if not results.get(n, (False, ""))[0]]
+            errors = {
+                n: ((self.expired_stats.get(n) or {}).get("svid_renewal") or {}).get("last_error")
+                for n in stuck
+            }
+            for n in stuck:
+                await self.fed.control.kill(n)
+                await self.fed.control.revive(n)
+            how = "re-attested (restarted with a fresh join token) " + ", ".join(stuck)
+            last = [e for e in errors.values() if e]
+            if last:
+                how += f" after the renewal was refused ({last[0]})"
+            comps = [c for n in names for c in self.fed.control.resolve(n)]
+
+            async def fresh_again(comps: list[ComponentInfo] = comps) -> bool:
+                return await fresh(comps)
+
+            await _until(fresh_again, event.params.max_wait or 30.0)
+        ok = all(okr for okr, _ in results.values()) and bool(results)
+        for n in names:
+            self.frozen.pop(n, None)
+        self._record(
+            event,
+            t_applied,
+            ok,
+            f"renewal resumed; {how}; "
+            + "; ".join(f"{n}: {why}" for n, (_, why) in sorted(results.items())),
+        )
+
+    def _matches(self, event: TimelineEvent, name: str) -> bool:
+        return any(
+            c.name == name
+            for t in process_targets(event.target, self.fed.cfg)
+            for c in self.fed.control.resolve(t)
+        )
 
     # -- rolling restart --
 
@@ -721,15 +1058,6 @@ class Injector:
                 batch_index=i // batch + 1,
             )
 
-    async def _unsupported(self, event: TimelineEvent) -> None:
-        self._record(
-            event,
-            self.now(),
-            False,
-            f"{event.fault} is not supported by this runner: sidecars and agents hold their "
-            "SVIDs in memory and expose no way to expire one",
-        )
-
     # -- cleanup --
 
     async def restore_all(self) -> list[str]:
@@ -756,6 +1084,19 @@ class Injector:
                         await store.put(key, value)
                         done.append(f"restored {key}")
             self.rolled_back.clear()
+        for name, comp in list(self.frozen.items()):
+            with contextlib.suppress(Exception):
+                if comp.pid:
+                    os.kill(comp.pid, signal.SIGUSR2)
+                now = dt.datetime.now(dt.UTC)
+                st = (await self._sidecar_stats([comp])).get(name)
+                if check_svid_expired(st, now)[0] or (st or {}).get("svid_expired"):
+                    await self.fed.control.kill(name)
+                    await self.fed.control.revive(name)
+                    done.append(f"re-attested {name}")
+                else:
+                    done.append(f"resumed SVID renewal of {name}")
+        self.frozen.clear()
         for t in list(self.killed):
             with contextlib.suppress(Exception):
                 names = await self.fed.control.revive(t)

@@ -9,11 +9,15 @@ Layers (the protocol decisions are in ``gateway/tunnel_protocol.py``):
   relay calls it only after it wrote those bytes to the local socket, so a local
   reader that stops reading stops the acknowledgements of its own stream only
   (BAD_INPUTS 23). Memory per stream is bounded by its 4 MiB window, per
-  connection by the 16 MiB connection window.
+  connection by the 16 MiB connection window. ``send_all`` queues its bytes in the
+  protocol (no copy) and returns once the writer has written the batch that framed
+  the last of them; the protocol frames queued DATA round-robin over the streams, so
+  a bulk stream cannot push a small one behind its backlog.
 * :class:`TunnelConnection` runs one protocol over one TLS stream with three tasks:
   a reader (feeds bytes, dispatches events, never writes), a writer (the only task
   that writes, so a peer that stops reading cannot block the reader into a
-  deadlock), and a keepalive (client: PING every ``keepalive_interval``, dead after
+  deadlock; woken only when there is output, at most ``WRITE_BATCH`` of DATA per
+  write), and a keepalive (client: PING every ``keepalive_interval``, dead after
   ``keepalive_timeout`` without an ACK; server: drain after ``idle_timeout``
   without streams). Control frames queued while the peer does not read are capped
   (``max_pending_output``; past it the connection is closed, ``write_backlog``).
@@ -77,6 +81,9 @@ __all__ = [
 log = logging.getLogger("meshfed.gateway.tunnel")
 
 READ_SIZE: Final = 256 * 1024
+WRITE_BATCH: Final = 256 * 1024
+"""DATA bytes the writer frames per transport write: bounds how long a stream whose bytes
+arrive during a write waits for its turn (the protocol schedules round-robin)."""
 
 
 def _utc_now() -> dt.datetime:
@@ -151,6 +158,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._send_lot = trio.lowlevel.ParkingLot()
         self._receiving = False
         self._sending = False
+        self._framed_in: int | None = None
+        """Writer batch that framed the last queued byte of the current send_all."""
 
     @property
     def buffered(self) -> int:
@@ -231,20 +240,40 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sending = True
         try:
             view = memoryview(data).cast("B")
-            offset = 0
-            while offset < len(view):
-                if self._broken():
+            if self._broken():
+                raise trio.BrokenResourceError(f"tunnel stream {self.stream_id} reset")
+            proto = self.conn.protocol
+            if view:
+                # The protocol keeps the view (no copy) and frames it in the stream's
+                # round-robin turn; we return once the batch holding its last byte was
+                # written, so the caller may reuse its buffer and a stream has at most
+                # one chunk in memory (as before the scheduler, but without waiting for
+                # the writer to go idle, which on a busy connection means after other streams).
+                if not proto.queue_data(self.stream_id, view):
                     raise trio.BrokenResourceError(f"tunnel stream {self.stream_id} reset")
-                n = self.conn.protocol.send_data(self.stream_id, view[offset:])
-                if n:
-                    offset += n
-                    # Wait for the writer: at most one chunk per stream is queued in memory.
-                    await self.conn.flushed()
-                else:
-                    await self._send_lot.park()
+                self._framed_in = None
+                self.conn.wake_writer()
+                try:
+                    while not self._written():
+                        if self._broken():
+                            raise trio.BrokenResourceError(f"tunnel stream {self.stream_id} reset")
+                        self.conn._send_waiters.add(self)
+                        try:
+                            await self._send_lot.park()
+                        finally:
+                            self.conn._send_waiters.discard(self)
+                except BaseException:
+                    # Cancelled: the caller owns its buffer again; what is still
+                    # queued goes out from a copy (the stream's bytes stay in order).
+                    proto.copy_queued(self.stream_id)
+                    raise
             await trio.lowlevel.checkpoint()
         finally:
             self._sending = False
+
+    def _written(self) -> bool:
+        framed = self._framed_in
+        return framed is not None and self.conn._batch_written >= framed
 
     async def wait_send_all_might_not_block(self) -> None:
         while self.conn.protocol.send_window(self.stream_id) == 0 and not self._broken():
@@ -316,6 +345,10 @@ class TunnelConnection:
         self.close_reason: str | None = None
         self.last_rtt: float | None = None
         self._wake = trio.Event()
+        self._send_waiters: set[TunnelStream] = set()
+        """Streams whose send_all waits for its bytes to be framed and written."""
+        self._batch = 0
+        self._batch_written = 0
         self._flush_lot = trio.lowlevel.ParkingLot()
         self._queued_gen = 0
         self._written_gen = 0
@@ -345,8 +378,15 @@ class TunnelConnection:
     # -- writing ----------------------------------------------------------------------------
 
     def wake_writer(self) -> None:
+        """Something was queued: let the writer run (a no-op if it is awake already)."""
         self._queued_gen += 1
         self._wake.set()
+
+    def _wake_if_output(self) -> None:
+        # Most reads and acknowledgements produce no output (h2 sends WINDOW_UPDATE only
+        # past half a window): waking the writer for nothing costs a task switch each.
+        if self.protocol.wants_write():
+            self.wake_writer()
 
     async def flushed(self) -> None:
         """Wait until everything queued so far was written (or the connection ended)."""
@@ -355,13 +395,29 @@ class TunnelConnection:
         while self._written_gen < target and not self._writer_done.is_set():
             await self._flush_lot.park()
 
+    def _note_framed(self) -> list[TunnelStream]:
+        """Waiting senders whose bytes are all in the batch being written."""
+        proto = self.protocol
+        done = [
+            s for s in self._send_waiters if s._framed_in is None and not proto.queued(s.stream_id)
+        ]
+        for stream in done:
+            stream._framed_in = self._batch
+        return done
+
     async def _writer(self) -> None:
         try:
             while True:
                 gen = self._queued_gen
-                data = self.protocol.data_to_send()
+                self._batch += 1
+                data = self.protocol.data_to_send(WRITE_BATCH)
+                framed = self._note_framed() if self._send_waiters else []
                 if data:
                     await self.transport.send_all(data)
+                self._batch_written = self._batch
+                for stream in framed:
+                    stream._send_lot.unpark_all()
+                if data:
                     continue
                 self._written_gen = gen
                 self._flush_lot.unpark_all()
@@ -378,7 +434,7 @@ class TunnelConnection:
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         self.protocol.acknowledge(stream_id, n)
-        self.wake_writer()
+        self._wake_if_output()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -406,7 +462,7 @@ class TunnelConnection:
                 if self.protocol.pending_output > self.options.max_pending_output:
                     self.protocol.close("write_backlog", ErrorCodes.ENHANCE_YOUR_CALM)
                     self._end("write_backlog")
-                self.wake_writer()
+                self._wake_if_output()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._end("read_failed")
 

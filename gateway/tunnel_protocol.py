@@ -8,6 +8,14 @@ CONNECT stream (RFC 9113 section 8.5): ``:method CONNECT``, ``:authority`` = the
 meshfed SNI, a ``200`` answer, then DATA both ways; END_STREAM is the TCP
 half-close (``shutdown(SHUT_WR)``) and RST_STREAM the abort.
 
+Outbound DATA is scheduled, not written in call order: :meth:`TunnelProtocol.queue_data`
+only queues a stream's bytes, and :meth:`TunnelProtocol.data_to_send` frames them
+round-robin over the streams with queued bytes and send window, at most
+``send_quantum`` bytes per stream per turn, after all control output (HEADERS,
+WINDOW_UPDATE, PING/SETTINGS ACKs, RST_STREAM, GOAWAY), so one bulk stream cannot
+make a small one wait behind its backlog. An END_STREAM asked for while bytes are
+still queued goes out right after them.
+
 Flow control is the back-pressure: the protocol never acknowledges DATA on its
 own. The adapter calls :meth:`acknowledge` only once the bytes were written to the
 local socket, so a reader that stops reading closes its own stream's window
@@ -34,6 +42,7 @@ Graceful drain (GOAWAY ``NO_ERROR``), which h2 4.x does not support on its own:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -76,6 +85,9 @@ REASON_HEADER: Final = b"meshfed-reason"
 _MAX_STREAM_ID: Final = 2**31 - 1
 _STREAM_ID_HEADROOM: Final = 1024
 """Stop opening streams this close to the id space's end; the pool dials anew."""
+
+SEND_QUANTUM: Final = 32 * 1024
+"""Default bytes one stream may frame per round-robin turn of ``data_to_send``."""
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -240,8 +252,12 @@ class TunnelProtocol:
         *,
         tuning: H2Tuning | None = None,
         guard_limits: H2GuardLimits | None = None,
+        send_quantum: int = SEND_QUANTUM,
     ) -> None:
+        if send_quantum < 1:
+            raise ValueError("send_quantum must be >= 1")
         self.role = role
+        self.send_quantum = send_quantum
         self._tuning = tuning or recommended_h2_config(role)
         self._h2 = _DrainableH2(config=self._tuning.configuration())
         self._tuning.start(self._h2)
@@ -259,6 +275,14 @@ class TunnelProtocol:
         self._highest_peer_stream = 0
         self._pings: dict[bytes, float] = {}
         self._ping_seq = 0
+        self._queues: dict[int, collections.deque[memoryview]] = {}
+        """Outbound bytes per stream, not yet framed (the caller's views, never copied)."""
+        self._queued: dict[int, int] = {}
+        """Byte count of each queue in ``_queues``."""
+        self._turns: collections.deque[int] = collections.deque()
+        """Round-robin order of the streams in ``_queues`` (each exactly once)."""
+        self._eof_after: set[int] = set()
+        """Streams whose END_STREAM waits for their queued bytes."""
         self._pull()
 
     # -- state -------------------------------------------------------------------------------
@@ -282,6 +306,24 @@ class TunnelProtocol:
     def pending_output(self) -> int:
         """Bytes waiting in :meth:`data_to_send` (bound it: a peer that does not read)."""
         return self._out_len
+
+    @property
+    def queued_bytes(self) -> int:
+        """Outbound DATA bytes queued on all streams and not yet framed."""
+        return sum(self._queued.values())
+
+    def queued(self, stream_id: int) -> int:
+        """Outbound DATA bytes of ``stream_id`` queued and not yet framed."""
+        return self._queued.get(stream_id, 0)
+
+    def wants_write(self) -> bool:
+        """Would :meth:`data_to_send` return bytes now? (Output, or queued DATA with window.)"""
+        self._pull()
+        if self._out:
+            return True
+        if self._closed is not None:
+            return False
+        return any(self.send_window(sid) > 0 for sid in self._turns)
 
     @property
     def outstanding_pings(self) -> int:
@@ -314,15 +356,91 @@ class TunnelProtocol:
             self._out.append(data)
             self._out_len += len(data)
 
-    def data_to_send(self) -> bytes:
-        """Everything to write to the transport, in order (empties the buffer)."""
+    def data_to_send(self, max_data: int | None = None) -> bytes:
+        """What to write to the transport now: all control output, then queued DATA.
+
+        DATA is framed round-robin (see the module docstring), until about
+        ``max_data`` bytes of it (None: everything the windows allow). Streams
+        without send window keep their bytes queued until a :class:`WindowOpened`.
+        """
         self._pull()
+        if self._turns and self._closed is None:
+            self._schedule(max_data)
         if not self._out:
             return b""
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         self._out_len = 0
         return data
+
+    def _schedule(self, max_data: int | None) -> None:
+        budget = max_data if max_data is not None else -1
+        quantum = self.send_quantum
+        turns = self._turns
+        # One pass visits every stream once; a stream with bytes left (and window) goes
+        # to the back, so the next call (or pass) starts with the next stream in turn.
+        blocked: list[int] = []
+        while turns and budget != 0:
+            sid = turns.popleft()
+            take = min(quantum, self._queued[sid])
+            if budget > 0:
+                take = min(take, budget)
+            sent = self._frame_queued(sid, take)
+            if budget > 0:
+                budget -= sent
+            if self._queued.get(sid):
+                if sent:
+                    turns.append(sid)
+                elif self._h2_stream_closed(sid):
+                    # Reset by the peer or closed under us: nothing more can be sent.
+                    del self._queues[sid], self._queued[sid]
+                    self._eof_after.discard(sid)
+                else:
+                    blocked.append(sid)
+            else:
+                self._finish_queue(sid)
+        # Window-blocked streams keep their place ahead of the ones that just sent.
+        turns.extendleft(reversed(blocked))
+        self._pull()
+
+    def _frame_queued(self, sid: int, limit: int) -> int:
+        queue = self._queues[sid]
+        sent = 0
+        while queue and sent < limit:
+            view = queue[0]
+            n = self._frame(sid, view[: limit - sent])
+            if n == 0:
+                break
+            sent += n
+            if n == len(view):
+                queue.popleft()
+            else:
+                queue[0] = view[n:]
+        self._queued[sid] -= sent
+        return sent
+
+    def _h2_stream_closed(self, sid: int) -> bool:
+        stream = self._h2.streams.get(sid)
+        return stream is None or stream.closed
+
+    def _finish_queue(self, sid: int) -> None:
+        del self._queues[sid]
+        del self._queued[sid]
+        if sid in self._eof_after:
+            self._eof_after.discard(sid)
+            self._end_stream_now(sid)
+
+    def _drop_queue(self, sid: int) -> None:
+        if self._queues.pop(sid, None) is not None:
+            del self._queued[sid]
+            self._turns.remove(sid)
+        self._eof_after.discard(sid)
+
+    def _drop_all_queues(self) -> None:
+        self._queues.clear()
+        self._queued.clear()
+        self._turns.clear()
+        self._eof_after.clear()
 
     # -- input -------------------------------------------------------------------------------
 
@@ -339,6 +457,7 @@ class TunnelProtocol:
             close = self._guard.close_for_h2_error(exc)
             self._pull()  # h2 queued its own GOAWAY
             self._closed = ConnectionClosed(close.reason, int(close.error_code), close.detail)
+            self._drop_all_queues()
             return [self._closed]
         rejected: set[int] = set()
         for v in self._guard.observe_events(h2_events, now):
@@ -360,6 +479,7 @@ class TunnelProtocol:
         self._pull()
         self._closed = ConnectionClosed(verdict.reason, int(code), verdict.detail)
         self._live.clear()
+        self._drop_all_queues()
         return self._closed
 
     def _translate(
@@ -392,6 +512,8 @@ class TunnelProtocol:
                 out.append(EndOfStream(event.stream_id))
         elif isinstance(event, ev.StreamReset):
             sid = event.stream_id
+            assert sid is not None
+            self._drop_queue(sid)
             if sid in self._live:
                 assert sid is not None
                 self._live.discard(sid)
@@ -448,6 +570,7 @@ class TunnelProtocol:
         code = int(event.error_code or 0)
         if code != ErrorCodes.NO_ERROR:
             self._live.clear()
+            self._drop_all_queues()
             self._closed = ConnectionClosed("peer_goaway", code, str(event.additional_data or ""))
             out.append(self._closed)
             return
@@ -459,6 +582,7 @@ class TunnelProtocol:
             # refused so the caller can retry them on another connection.
             for sid in sorted(s for s in self._live if s > last):
                 self._live.discard(sid)
+                self._drop_queue(sid)
                 self._reset_quietly(sid, ErrorCodes.REFUSED_STREAM)
                 out.append(StreamReset(sid, int(ErrorCodes.REFUSED_STREAM)))
 
@@ -504,13 +628,17 @@ class TunnelProtocol:
         self._pull()
 
     def send_data(self, stream_id: int, data: memoryview) -> int:
-        """Queue as much of ``data`` as the windows allow; returns how many bytes were taken.
+        """Frame as much of ``data`` as the windows allow, now; returns how many bytes were taken.
 
-        The caller keeps the rest and waits for :class:`WindowOpened`. ``data`` is
-        sliced, never copied (h2 copies once into the frame).
+        Bypasses the round-robin scheduler (the adapter uses :meth:`queue_data`); do not
+        mix the two on one stream. ``data`` is sliced, never copied (h2 copies once
+        into the frame).
         """
         if self._closed is not None or stream_id not in self._live:
             return 0
+        return self._frame(stream_id, data)
+
+    def _frame(self, stream_id: int, data: memoryview) -> int:
         n = min(len(data), self.send_window(stream_id))
         frame = self._h2.max_outbound_frame_size
         sent = frames = 0
@@ -524,10 +652,42 @@ class TunnelProtocol:
             self._pull()
         return n
 
+    def queue_data(self, stream_id: int, data: memoryview) -> bool:
+        """Queue ``data`` for the stream; :meth:`data_to_send` frames it in its turn.
+
+        The view is kept, not copied: the caller must not change the bytes until
+        :meth:`queued` no longer counts them. Returns False (nothing queued) if the
+        stream is not live or the connection is closed.
+        """
+        if self._closed is not None or stream_id not in self._live:
+            return False
+        if not data:
+            return True
+        queue = self._queues.get(stream_id)
+        if queue is None:
+            queue = self._queues[stream_id] = collections.deque()
+            self._queued[stream_id] = 0
+            self._turns.append(stream_id)
+        queue.append(data)
+        self._queued[stream_id] += len(data)
+        return True
+
+    def copy_queued(self, stream_id: int) -> None:
+        """Replace the stream's queued views by copies (the caller wants its buffer back)."""
+        queue = self._queues.get(stream_id)
+        if queue:
+            self._queues[stream_id] = collections.deque(memoryview(bytes(v)) for v in queue)
+
     def end_stream(self, stream_id: int) -> None:
-        """Half-close our side of the stream (the local socket read EOF)."""
+        """Half-close our side of the stream (the local socket read EOF), after its queued bytes."""
         if self._closed is not None:
             return
+        if stream_id in self._queues:
+            self._eof_after.add(stream_id)
+            return
+        self._end_stream_now(stream_id)
+
+    def _end_stream_now(self, stream_id: int) -> None:
         try:
             self._h2.end_stream(stream_id)
         except (h2x.ProtocolError, h2x.StreamClosedError):
@@ -535,14 +695,18 @@ class TunnelProtocol:
         self._pull()
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
-        """Abort the stream (the local socket broke) and release it."""
+        """Abort the stream (the local socket broke) and release it; queued bytes are dropped."""
         self._live.discard(stream_id)
+        self._drop_queue(stream_id)
         if self._closed is None:
             self._reset_quietly(stream_id, code)
             self._pull()
 
     def release(self, stream_id: int) -> None:
-        """The adapter is done with the stream; later DATA on it is acknowledged at once."""
+        """The adapter is done with the stream; later DATA on it is acknowledged at once.
+
+        Bytes still queued for it are sent (with a pending END_STREAM) unless it was reset.
+        """
         self._live.discard(stream_id)
 
     def acknowledge(self, stream_id: int, flow_length: int) -> None:
@@ -583,6 +747,7 @@ class TunnelProtocol:
             self._pull()
             self._closed = ConnectionClosed(reason, int(code))
             self._live.clear()
+            self._drop_all_queues()
         return self._closed
 
     def guard_allows(self) -> bool:

@@ -29,12 +29,11 @@ import ssl
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
 from sidecar.authz import InboundPolicy, Refuse
-from sidecar.http.server import InboundHttp, InboundTarget
 from sidecar.metrics import SidecarMetrics, log_event
 from sidecar.ratelimit import RateLimiter
 from sidecar.relay import RelayEnd, RelayStats, relay
@@ -43,6 +42,9 @@ from trust.enforcement import RevocationEnforcer
 from trust.errors import HandshakeRefused
 from trust.tls import DEFAULT_HANDSHAKE_TIMEOUT, TlsContextHolder, handshake_and_verify
 from trust.validate import VerifiedPeer
+
+if TYPE_CHECKING:  # the HTTP layer (h11, h2) loads only with an HTTP port (sidecar/runner.py)
+    from sidecar.http.server import InboundHttp, InboundTarget
 
 __all__ = ["InboundServer", "InboundSettings", "capture_sni", "serve_inbound", "sni_of"]
 

@@ -61,6 +61,22 @@ CONN_LABELS: Final = (
 
 CONNECT_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
+HTTP_INBOUND_LABELS: Final = (
+    "source_cluster",
+    "destination_cluster",
+    "destination_service",
+    "locality_tier",
+    "code",
+)
+"""Labels of ``meshfed_sidecar_http_inbound_requests_total``: the outbound
+``meshfed_sidecar_http_requests_total`` set, ``locality_tier`` always ``inbound``."""
+
+HTTP_DURATION_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+"""The outbound HTTP histogram's buckets (``sidecar.http.accesslog.DURATION_BUCKETS``, kept
+equal by a test), so both hops' latencies compare bucket for bucket."""
+
 
 def log_event(event: str, **fields: object) -> None:
     """One JSON line: ``{"event": ..., **fields}`` (keys sorted; values made JSON-safe)."""
@@ -161,6 +177,25 @@ class SidecarMetrics:
             ("destination_service",),
             registry=r,
         )
+        self.http_inbound_requests = Counter(
+            "meshfed_sidecar_http_inbound_requests_total",
+            "HTTP requests from peer sidecars answered, by the status sent back.",
+            HTTP_INBOUND_LABELS,
+            registry=r,
+        )
+        self.http_inbound_duration = Histogram(
+            "meshfed_sidecar_http_inbound_request_duration_seconds",
+            "Inbound HTTP requests: request head to last response byte (the local app's time).",
+            HTTP_INBOUND_LABELS[:-1],
+            buckets=HTTP_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.http_inbound_active = Gauge(
+            "meshfed_sidecar_http_inbound_requests_active",
+            "Inbound HTTP requests in flight now.",
+            ("destination_service",),
+            registry=r,
+        )
         for reason in INBOUND_REFUSAL_REASONS:
             self.inbound_refusals.labels(reason)
 
@@ -168,6 +203,21 @@ class SidecarMetrics:
         """Count and log one inbound refusal."""
         self.inbound_refusals.labels(reason).inc()
         log_event("inbound_refused", reason=reason, **fields)
+
+    def http_inbound_observe(
+        self,
+        *,
+        source_cluster: str,
+        destination_cluster: str,
+        destination_service: str,
+        code: str,
+        duration: float,
+    ) -> None:
+        """Count one finished inbound HTTP request (``code``: the status sent, ``0``
+        when none was)."""
+        base = (source_cluster, destination_cluster, destination_service, "inbound")
+        self.http_inbound_requests.labels(*base, code).inc()
+        self.http_inbound_duration.labels(*base).observe(duration)
 
     def text(self) -> bytes:
         """Prometheus exposition text."""

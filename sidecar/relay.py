@@ -25,7 +25,9 @@ Invariants (each has a test in ``tests/relay/``):
 * **Idle timeout.** A deadline ``idle_timeout`` after the last byte that moved in
   either direction, reset when a chunk is received and again when its write
   completes. A write blocked by a peer that does not read moves no bytes, so it
-  counts as idle (Envoy's tcp_proxy ``idle_timeout`` has the same meaning).
+  counts as idle (Envoy's tcp_proxy ``idle_timeout`` has the same meaning). Per
+  chunk only the time is recorded; a watchdog task sleeps to the deadline that
+  time implies and cancels the relay there, exactly.
 * **Errors** (``BrokenResourceError``, ``ClosedResourceError``, ``OSError`` on a
   raw socket) on one side end the whole relay with ``a_broken``/``b_broken``; the
   first failure wins, both sides are closed forcefully. Any other exception is a
@@ -43,8 +45,14 @@ with a ``receive_into(buffer) -> int`` method (:class:`ReceiveIntoStream`: the
 sidecar's TLS legs, :class:`sidecar.tlshalfclose.HalfCloseTls`, which decrypts
 every record that has arrived straight into it) the same way; other streams
 (memory streams, HTTP/2 tunnel streams) keep the allocating path.
-``bench/results/relay.md`` and ``docs/performance-notes.md`` have the measured
-differences.
+
+The hot loop (both sides a ``SocketStream`` or an :class:`UncheckedStream`, which is
+every sidecar TCP relay): plain non-blocking syscalls (``os.readv`` into the reused
+buffer, ``os.write``), waiting on the socket only when it is not ready, and one
+``trio.lowlevel.checkpoint()`` per chunk, which keeps the loop cancellable and fair.
+trio's own socket calls take two scheduler trips per call even when the socket is
+ready. ``bench/results/relay.md`` and ``docs/performance-notes.md`` have the
+measured differences.
 
 :class:`RelaySession` is the bookkeeping every relay implementation shares (this
 module's stream relay, ``gateway.splice``'s socket relay): idle deadline, first
@@ -57,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -85,6 +94,59 @@ class ReceiveIntoStream(Protocol):
         """Read at least one byte into ``buffer`` (waiting if needed); 0 means EOF.
         Raises what ``receive_some`` raises."""
         ...
+
+
+@runtime_checkable
+class UncheckedStream(Protocol):
+    """A stream with the relay's hot-loop calls: they wait only when they must and,
+    unlike trio's stream methods, need not checkpoint when they do not wait. The relay
+    checkpoints once per chunk instead (:class:`sidecar.tlshalfclose.HalfCloseTls`)."""
+
+    async def receive_into_unchecked(self, buffer: memoryview) -> int:
+        """As ``receive_into``, without the guaranteed checkpoint."""
+        ...
+
+    async def send_all_unchecked(self, data: memoryview) -> None:
+        """As ``send_all``, without the guaranteed checkpoint."""
+        ...
+
+
+class _SocketFd:
+    """A ``trio.SocketStream``'s socket driven with plain non-blocking syscalls.
+
+    trio's socket methods take two scheduler trips per successful call (a cancellation
+    check before, a cancel-shielded checkpoint after); these take none unless the
+    socket is not ready. The stream keeps owning the socket: its ``send_eof`` and
+    ``aclose`` still do the shutdown and the close, after the pumps have stopped.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._sock = stream.socket
+
+    def _fd(self) -> int:
+        fd = self._sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the socket was closed")
+        return fd
+
+    async def receive_into_unchecked(self, buffer: memoryview) -> int:
+        while True:
+            fd = self._fd()
+            try:
+                return os.readv(fd, (buffer,))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+
+    async def send_all_unchecked(self, data: memoryview) -> None:
+        sent, total = 0, len(data)
+        while sent < total:
+            fd = self._fd()
+            try:
+                sent += os.write(fd, data[sent:])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
 
 
 class RelayEnd(enum.Enum):
@@ -249,6 +311,9 @@ class RelaySession:
         self._idle_timeout = idle_timeout
         self._stats = stats
         self._scope = trio.CancelScope()
+        self._watch_scope = trio.CancelScope()
+        self._last_progress = 0.0
+        self._idle_fired = False
         self._failure: RelayEnd | None = None
         self._drained = False
         self.bytes_a_to_b = 0
@@ -270,7 +335,22 @@ class RelaySession:
         if self._stats is not None and n:
             self._stats._count(direction, n)
         if self._idle_timeout is not None:
-            self._scope.deadline = trio.current_time() + self._idle_timeout
+            # A clock read and a store: the watchdog (see run) turns it into the idle
+            # deadline. Moving a CancelScope deadline per chunk cost a context manager
+            # and a heap update twice per chunk.
+            self._last_progress = trio.current_time()
+
+    async def _watch_idle(self, idle_timeout: float) -> None:
+        """Cancel the relay ``idle_timeout`` after the last progress, exactly: sleeps to
+        the deadline the last progress implies and re-arms if bytes moved meanwhile."""
+        with self._watch_scope:
+            while True:
+                deadline = self._last_progress + idle_timeout
+                if trio.current_time() >= deadline:
+                    self._idle_fired = True
+                    self._scope.cancel()
+                    return
+                await trio.sleep_until(deadline)
 
     def fail(self, reason: RelayEnd) -> None:
         """A side broke: end the relay with ``reason`` unless an earlier failure won."""
@@ -297,21 +377,31 @@ class RelaySession:
         propagates.
         """
         start = trio.current_time()
-        if self._idle_timeout is not None:
-            self._scope.deadline = start + self._idle_timeout
+        self._last_progress = start
         if self._stats is not None:
             self._stats._register(self)
         reason = RelayEnd.CANCELLED
+        pumps_left = 2
+
+        async def run_pump(pump: Callable[[], Awaitable[None]]) -> None:
+            nonlocal pumps_left
+            await pump()
+            pumps_left -= 1
+            if not pumps_left:
+                self._watch_scope.cancel()  # both directions ended: stop the watchdog
+
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(pump_a_to_b)
-                    nursery.start_soon(pump_b_to_a)
+                    if self._idle_timeout is not None:
+                        nursery.start_soon(self._watch_idle, self._idle_timeout)
+                    nursery.start_soon(run_pump, pump_a_to_b)
+                    nursery.start_soon(run_pump, pump_b_to_a)
             if self._failure is not None:
                 reason = self._failure
             elif self._drained:
                 reason = RelayEnd.CANCELLED
-            elif self._scope.cancelled_caught:
+            elif self._idle_fired:
                 reason = RelayEnd.IDLE_TIMEOUT
             else:
                 reason = RelayEnd.EOF_BOTH
@@ -348,6 +438,11 @@ async def _pump(
     chunk_size: int,
 ) -> None:
     src_broken, dst_broken = _SIDE_BROKEN[direction]
+    fast_src = _unchecked(src)
+    fast_dst = _unchecked(dst)
+    if fast_src is not None and fast_dst is not None:
+        await _pump_unchecked(session, direction, fast_src, fast_dst, dst, chunk_size)
+        return
     if isinstance(src, trio.SocketStream):
         # SocketStream.receive_some maps these to Broken/ClosedResourceError; we read its
         # socket directly, so we map them ourselves (EBADF: closed under us).
@@ -372,6 +467,58 @@ async def _pump(
             return
         session.progress(direction, len(data))
     await _forward_eof(session, dst, dst_broken)
+
+
+def _unchecked(stream: trio.abc.Stream) -> UncheckedStream | None:
+    """The hot-loop face of ``stream``, if it has one."""
+    if isinstance(stream, trio.SocketStream):
+        return _SocketFd(stream)
+    if isinstance(stream, UncheckedStream):
+        return stream
+    return None
+
+
+_UNCHECKED_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+"""Failures of an unchecked call: trio's, and ``OSError`` from a raw socket syscall."""
+
+
+async def _pump_unchecked(
+    session: RelaySession,
+    direction: Direction,
+    src: UncheckedStream,
+    dst: UncheckedStream,
+    dst_stream: trio.abc.Stream,
+    chunk_size: int,
+) -> None:
+    """The hot loop: one reused buffer, syscalls only, one checkpoint per chunk.
+
+    Read and write wait only when their socket is not ready; the explicit checkpoint
+    after each chunk keeps the loop cancellable (revocation, drain, idle timeout) and
+    fair to the other direction when both sockets are always ready.
+    """
+    src_broken, dst_broken = _SIDE_BROKEN[direction]
+    view = memoryview(bytearray(chunk_size))
+    receive_into = src.receive_into_unchecked
+    send_all = dst.send_all_unchecked
+    progress = session.progress
+    checkpoint = trio.lowlevel.checkpoint
+    while True:
+        try:
+            n = await receive_into(view)
+        except _UNCHECKED_ERRORS:
+            session.fail(src_broken)
+            return
+        if n == 0:
+            break
+        progress(direction, 0)
+        try:
+            await send_all(view[:n])
+        except _UNCHECKED_ERRORS:
+            session.fail(dst_broken)
+            return
+        progress(direction, n)
+        await checkpoint()
+    await _forward_eof(session, dst_stream, dst_broken)
 
 
 async def _pump_into(

@@ -30,7 +30,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -44,11 +44,8 @@ from sidecar.authz import InboundPolicy, ServedPort
 from sidecar.health import HealthCheckConfig
 from sidecar.http.accesslog import HttpMetrics
 from sidecar.http.circuit import CircuitBreaker
-from sidecar.http.destination import PoolDestination
-from sidecar.http.proxy import HttpProxy
 from sidecar.http.routes import RouteTable as HttpRouteTable
 from sidecar.http.routes import retry_budget_config
-from sidecar.http.server import InboundHttp, InboundTarget, serve_http_listener
 from sidecar.http.splits import in_subset
 from sidecar.inbound import InboundServer, InboundSettings, serve_inbound
 from sidecar.metrics import SidecarMetrics, log_event
@@ -65,6 +62,14 @@ from trust.revocation import Revocation, RevocationSet
 from trust.spiffe import TrustDomain, workload_id
 from trust.tls import DEFAULT_HANDSHAKE_TIMEOUT, TlsContextHolder
 from trust.validate import VerifiedPeer
+
+if TYPE_CHECKING:
+    # The HTTP data path (h11, h2) loads only for a workload with an HTTP listener:
+    # an L4-only sidecar never imports it (idle RSS; tests/sidecar/test_entry_light.py).
+    from sidecar.http.destination import PoolDestination
+    from sidecar.http.proxy import HttpProxy
+    from sidecar.http.server import InboundHttp, InboundTarget
+    from trust.rotation import SvidRotator
 
 __all__ = ["CatalogSource", "Sidecar", "SidecarOptions", "StaticCatalog", "health_config_from"]
 
@@ -199,6 +204,11 @@ class Sidecar:
         self.metrics = metrics if metrics is not None else SidecarMetrics()
         self._rng = rng if rng is not None else random.Random()
         now_kw: dict[str, Any] = {"now_fn": now_fn} if now_fn is not None else {}
+        self._now = now_fn if now_fn is not None else functools.partial(dt.datetime.now, dt.UTC)
+        self.rotator: SvidRotator | None = None
+        """Renews ``holder``'s SVID (set by the CLI); its statistics go into ``/stats``."""
+        self.withdrawn = False
+        """Endpoints withdrawn from the agent because the SVID is lapsing (set by the CLI)."""
         self.enforcer = RevocationEnforcer(on_close=self._on_revoked_close)
         self.keeper = BundleKeeper(on_refusal=self._on_bundle_refused)
         self.caller = Locality(
@@ -225,6 +235,8 @@ class Sidecar:
             app_port = _offset(s.app.host, s.app.port, replica)
             served.append(ServedPort(w.namespace, s.service, sp.port, s.app.host, app_port))
             if sp.protocol == "http" or sp.protocol == "http2":
+                from sidecar.http.server import InboundTarget
+
                 http_targets[(w.namespace, s.service, sp.port)] = InboundTarget(
                     f"{s.service}.{w.namespace}", sp.protocol, s.app.host, app_port
                 )
@@ -245,12 +257,19 @@ class Sidecar:
             self.metrics,
             **now_kw,
         )
-        self.inbound_http = InboundHttp(
-            local_cluster=self.cluster.name,
-            local_workload=w.name,
-            rng=random.Random(self._rng.random()),
-        )
+        http_seed = self._rng.random()  # drawn either way: later seeds stay the same
+        self.inbound_http: InboundHttp | None = None
+        """The inbound HTTP layer; None when no served port is HTTP."""
         if http_targets:
+            from sidecar.http.server import InboundHttp
+
+            self.inbound_http = InboundHttp(
+                local_cluster=self.cluster.name,
+                local_workload=w.name,
+                rng=random.Random(http_seed),
+                metrics=self.metrics,
+                services=[t.service for t in http_targets.values()],
+            )
             self.inbound.http = self.inbound_http
             self.inbound.http_targets = http_targets
         health = self.options.health or health_config_from(cfg)
@@ -312,6 +331,10 @@ class Sidecar:
 
     def _add_http(self, svc: Service, pool: UpstreamPool) -> None:
         """The request pipeline of an ``http``/``http2`` upstream (docs/http.md)."""
+        from sidecar.http.destination import PoolDestination
+        from sidecar.http.keepalive import keepalive_config
+        from sidecar.http.proxy import HttpProxy
+
         tp = svc.traffic_policy
         breaker = CircuitBreaker(tp.circuit_breaking)
         destination = PoolDestination(
@@ -319,6 +342,7 @@ class Sidecar:
             {s.name: s for s in svc.subsets},
             functools.partial(_in_subset, self.cfg, svc),
             breaker,
+            keepalive_config(tp.connection_pool),
         )
         label = pool.settings.label
         self.http_destinations[label] = destination
@@ -451,8 +475,48 @@ class Sidecar:
 
     # -- admin view ---------------------------------------------------------------------
 
+    def svid_expired(self) -> bool:
+        """The SVID in use is past its NotAfter: every peer refuses it (trust/validate.py)."""
+        return self._now() >= self.holder.svid.not_after
+
     def ready(self) -> bool:
-        return self._listening and not self._draining and self._catalog is not None
+        # An expired SVID cannot complete a handshake with anyone: not ready.
+        return (
+            self._listening
+            and not self._draining
+            and self._catalog is not None
+            and not self.svid_expired()
+        )
+
+    def _svid_status(self) -> dict[str, Any]:
+        from cryptography import x509  # loaded by trust.tls already
+
+        svid = self.holder.svid
+        try:
+            aki = svid.leaf.extensions.get_extension_for_class(
+                x509.AuthorityKeyIdentifier
+            ).value.key_identifier
+        except x509.ExtensionNotFound:
+            aki = None
+        renewal = None
+        if self.rotator is not None:
+            st = self.rotator.statistics()
+            renewal = {
+                "renewals": st.renewals,
+                "failures": st.failures,
+                "consecutive_failures": st.consecutive_failures,
+                "frozen": st.frozen,
+                "last_error": st.last_error,
+            }
+        return {
+            "spiffe_id": str(svid.spiffe_id),
+            "svid_not_after": svid.not_after.isoformat(),
+            "svid_serial": format(svid.serial, "x"),
+            "svid_issuer_key_id": aki.hex() if aki else None,
+            "svid_expired": self.svid_expired(),
+            "svid_renewal": renewal,
+            "withdrawn": self.withdrawn,
+        }
 
     def stats(self) -> dict[str, Any]:
         upstreams = {}
@@ -498,8 +562,7 @@ class Sidecar:
         return {
             "workload": self.workload.name,
             "replica": self.options.replica,
-            "spiffe_id": str(self.holder.svid.spiffe_id),
-            "svid_not_after": self.holder.svid.not_after.isoformat(),
+            **self._svid_status(),
             "tls_generation": self.holder.generation,
             "catalog_version": self._catalog.version if self._catalog is not None else None,
             "draining": self._draining,
@@ -507,12 +570,7 @@ class Sidecar:
                 "active": self.inbound.active,
                 "probes": self.inbound.probes,
                 "relay": _relay_stats(self.inbound.relay_stats),
-                "http": {
-                    "connections": self.inbound_http.stats.connections,
-                    "active_connections": self.inbound_http.stats.active_connections,
-                    "streams": self.inbound_http.stats.streams,
-                    "in_flight": self.inbound_http.in_flight,
-                },
+                "http": _inbound_http_stats(self.inbound_http),
             },
             "revocations": len(self.enforcer.revoked),
             "upstreams": upstreams,
@@ -620,13 +678,16 @@ class Sidecar:
             async with trio.open_nursery() as conns:
                 for dest in self.http_destinations.values():
                     dest.nursery = conns
-                self.inbound_http.nursery = conns
+                if self.inbound_http is not None:
+                    self.inbound_http.nursery = conns
                 async with trio.open_nursery() as listeners:
                     for pool, host, port in self.pools:
                         label = pool.settings.label
                         proxy = self.http_proxies.get(label)
                         bind = 0 if bind_any_port else port
                         if proxy is not None:
+                            from sidecar.http.server import serve_http_listener
+
                             self.bound[label] = await listeners.start(
                                 serve_http_listener, proxy, host, bind, conns
                             )
@@ -647,6 +708,11 @@ class Sidecar:
                     await self._stop.wait()
                     self._draining = True
                     listeners.cancel_scope.cancel()
+                # Graceful GOAWAY / Connection: close on every HTTP connection we serve.
+                for proxy in self.http_proxies.values():
+                    proxy.drain()
+                if self.inbound_http is not None:
+                    self.inbound_http.drain()
                 deadline = trio.current_time() + self.options.drain_deadline
                 groups = [p.relay_stats for p, _, _ in self.pools] + [self.inbound.relay_stats]
                 results: list[Any] = []
@@ -660,7 +726,8 @@ class Sidecar:
                     with trio.move_on_at(deadline):
                         for proxy in self.http_proxies.values():
                             await proxy.wait_idle()
-                        await self.inbound_http.wait_idle()
+                        if self.inbound_http is not None:
+                            await self.inbound_http.wait_idle()
 
                 async with trio.open_nursery() as d:
                     for stats in groups:
@@ -680,6 +747,17 @@ def _port_of(svc: Service, name: str | None) -> ServicePort:
     sp = svc.port(name) if name is not None else svc.ports[0]
     assert sp is not None  # the config checks guarantee it
     return sp
+
+
+def _inbound_http_stats(http: InboundHttp | None) -> dict[str, int]:
+    if http is None:
+        return {"connections": 0, "active_connections": 0, "streams": 0, "in_flight": 0}
+    return {
+        "connections": http.stats.connections,
+        "active_connections": http.stats.active_connections,
+        "streams": http.stats.streams,
+        "in_flight": http.in_flight,
+    }
 
 
 def _in_subset(cfg: FederationConfig, svc: Service, cand: Candidate, subset: Subset) -> bool:

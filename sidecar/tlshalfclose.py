@@ -25,9 +25,15 @@ Both keep trio's invariants: one transport reader at a time (trio's inner receiv
 lock), ciphertext sent in the order it left the outgoing BIO (trio's FIFO send lock,
 shared with ``send_eof`` and ``aclose``), the stream marked broken on a TLS or
 transport failure, and every call a checkpoint. Errors are the ones
-``SSLStream`` raises. One difference in timing only: bytes a *read* makes OpenSSL
-queue (a TLS 1.3 KeyUpdate answer; meshfed never requests one) leave with the next
-write, ``send_eof`` or ``aclose`` rather than at once; never reordered or lost.
+``SSLStream`` raises. On a ``SocketStream`` transport the ciphertext moves with plain
+non-blocking syscalls (``os.readv``/``os.write`` on the socket's descriptor, waiting
+only when it is not ready). :meth:`HalfCloseTls.receive_into_unchecked` and
+:meth:`HalfCloseTls.send_all_unchecked` are the same calls without the guaranteed
+checkpoint, for :func:`sidecar.relay.relay`'s loop, which checkpoints once per chunk
+(:class:`sidecar.relay.UncheckedStream`). One difference in timing only: bytes a
+*read* makes OpenSSL queue (a TLS 1.3 KeyUpdate answer; meshfed never requests one)
+leave with the next write, ``send_eof`` or ``aclose`` rather than at once; never
+reordered or lost.
 The fast path is used only when the SSLStream has the private attributes it relies
 on (checked once, in :func:`fast_path_supported`); otherwise every method falls back
 to the public ``SSLStream`` calls, so a trio upgrade that moves them costs speed,
@@ -41,6 +47,7 @@ locks, ``_state``); the project's tests of the relay through a sidecar pair and
 from __future__ import annotations
 
 import errno
+import os
 import ssl
 from typing import Any, Final, Generic, TypeVar
 
@@ -89,6 +96,47 @@ def fast_path_supported(stream: trio.SSLStream[Any]) -> bool:
     return isinstance(stream._ssl_object, ssl.SSLObject) and _broken_state(stream) is not None
 
 
+def _socket_fd(sock: trio.socket.SocketType) -> int:
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("this socket was already closed")
+    return fd
+
+
+def _os_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """trio's mapping of a socket syscall's failure (``SocketStream`` does the same)."""
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+async def _recv_into_fd(sock: trio.socket.SocketType, view: memoryview) -> int:
+    """Read into ``view`` with a plain syscall, waiting only while nothing has arrived.
+
+    trio's ``recv_into`` takes two scheduler trips even when data is there."""
+    while True:
+        fd = _socket_fd(sock)
+        try:
+            return os.readv(fd, (view,))
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+        except OSError as exc:
+            raise _os_error(exc) from exc
+
+
+async def _send_all_fd(sock: trio.socket.SocketType, data: memoryview) -> None:
+    """Send all of ``data`` with plain syscalls, waiting only while the socket is full."""
+    sent, total = 0, len(data)
+    while sent < total:
+        fd = _socket_fd(sock)
+        try:
+            sent += os.write(fd, data[sent:])
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+        except OSError as exc:
+            raise _os_error(exc) from exc
+
+
 class HalfCloseTls(trio.abc.HalfCloseableStream, Generic[StreamT]):
     """An SSLStream (handshake done) whose ``send_eof`` sends ``close_notify``."""
 
@@ -107,6 +155,19 @@ class HalfCloseTls(trio.abc.HalfCloseableStream, Generic[StreamT]):
         if not self.fast or not data:
             await self.stream.send_all(data)
             return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._send_all(data)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_all_unchecked(self, data: memoryview) -> None:
+        """:meth:`send_all` for the relay's loop: waits only for a full socket and does
+        not otherwise checkpoint (the relay checkpoints once per chunk)."""
+        if not self.fast or not data:
+            await self.stream.send_all(data)
+            return
+        await self._send_all(data)
+
+    async def _send_all(self, data: bytes | bytearray | memoryview) -> None:
         stream = self.stream
         with stream._outer_send_conflict_detector:
             stream._check_status()
@@ -127,7 +188,11 @@ class HalfCloseTls(trio.abc.HalfCloseableStream, Generic[StreamT]):
                 if stream._delayed_outgoing is not None:
                     to_send = stream._delayed_outgoing + to_send
                     stream._delayed_outgoing = None
-                await stream.transport_stream.send_all(to_send)
+                transport = stream.transport_stream
+                if isinstance(transport, trio.SocketStream):
+                    await _send_all_fd(transport.socket, memoryview(to_send))
+                else:
+                    await transport.send_all(to_send)
             except BaseException:
                 # Some unknown part of the ciphertext was sent: the stream is doomed.
                 self._break()
@@ -181,18 +246,30 @@ class HalfCloseTls(trio.abc.HalfCloseableStream, Generic[StreamT]):
             data = await self.receive_some(len(buffer))
             buffer[: len(data)] = data
             return len(data)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        n = await self._receive_into(buffer)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return n
+
+    async def receive_into_unchecked(self, buffer: memoryview) -> int:
+        """:meth:`receive_into` for the relay's loop: waits only while nothing is
+        decryptable and does not otherwise checkpoint (the relay checkpoints once per
+        chunk)."""
+        if self._held or not self.fast:
+            return await self.receive_into(buffer)
+        if len(buffer) < 1:
+            raise ValueError("buffer must not be empty")
+        return await self._receive_into(buffer)
+
+    async def _receive_into(self, buffer: memoryview) -> int:
         stream = self.stream
         with stream._outer_recv_conflict_detector:
             stream._check_status()
             n = self._decrypt_into(buffer)
-            if n is not None:
-                await trio.lowlevel.checkpoint()
-                return n
-            while True:
-                await self._fill()  # a checkpoint, or it raises
+            while n is None:
+                await self._fill()  # waits only if the socket has nothing yet
                 n = self._decrypt_into(buffer)
-                if n is not None:
-                    return n
+            return n
 
     def _decrypt_into(self, buffer: memoryview) -> int | None:
         """Decrypt buffered records into ``buffer``: bytes (0 = clean EOF), or None if
@@ -202,12 +279,15 @@ class HalfCloseTls(trio.abc.HalfCloseableStream, Generic[StreamT]):
             self._break()
             raise trio.BrokenResourceError from exc
         ssl_object = self.stream._ssl_object
+        # One call per 16 KiB record: skip ssl.SSLObject.read's Python frame and call the
+        # C object it delegates to (same arguments, same errors) when it is there.
+        read = getattr(ssl_object, "_sslobj", ssl_object).read
         size = len(buffer)
         n = 0
         while n < size:
             try:
-                # With a buffer, SSLObject.read returns a count (typeshed says bytes).
-                got: int = ssl_object.read(size - n, buffer[n:])  # type: ignore[assignment]
+                # With a buffer, read returns a count (typeshed says bytes).
+                got: int = read(size - n, buffer[n:])  # type: ignore[assignment]
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -225,7 +305,8 @@ class HalfCloseTls(trio.abc.HalfCloseableStream, Generic[StreamT]):
         return n if n else None
 
     async def _fill(self) -> None:
-        """One transport read into the incoming BIO (EOF recorded there too)."""
+        """One transport read into the incoming BIO (EOF recorded there too); waits
+        (a checkpoint) only when the socket has nothing to read yet."""
         stream = self.stream
         lock = stream._inner_recv_lock
         count = stream._inner_recv_count
@@ -243,12 +324,7 @@ class HalfCloseTls(trio.abc.HalfCloseableStream, Generic[StreamT]):
                 if self._cipher is None:
                     self._cipher = bytearray(CIPHER_READ_SIZE)
                 view = memoryview(self._cipher)
-                try:
-                    got = await transport.socket.recv_into(view)
-                except OSError as exc:
-                    if exc.errno in _CLOSED_ERRNOS:
-                        raise trio.ClosedResourceError("this socket was already closed") from None
-                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                got = await _recv_into_fd(transport.socket, view)
                 data: bytes | bytearray | memoryview = view[:got]
             else:
                 data = await transport.receive_some(CIPHER_READ_SIZE)

@@ -28,7 +28,10 @@ with ``os.replace``/``os.link``, which keep the mode).
 
 trio part: :class:`SvidRotator`, a task that renews the SVID held by a
 :class:`~trust.tls.TlsContextHolder` on schedule. New handshakes use the new
-SVID; live connections keep the context they were made with.
+SVID; live connections keep the context they were made with. ``freeze()``/``thaw()``
+suspend and resume renewal (an operator's knob; the ``cert-expire`` drill), and
+:func:`identity_lapsing` (pure) says when a proxy whose SVID is about to lapse
+should leave rotation.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ __all__ = [
     "RotationStep",
     "RotatorStatistics",
     "SvidRotator",
+    "identity_lapsing",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,6 +155,8 @@ class RotatorStatistics:
     """When the next attempt is planned (UTC), None before the first plan."""
     last_error: str | None
     """The last failure, for status output."""
+    frozen: bool = False
+    """Renewal is suspended by :meth:`SvidRotator.freeze` (an operator's or a drill's knob)."""
 
 
 class SvidRotator:
@@ -186,11 +192,31 @@ class SvidRotator:
         self._consecutive = 0
         self._next: dt.datetime | None = None
         self._last_error: str | None = None
+        self._frozen = False
+        self._thawed = trio.Event()
+
+    def freeze(self) -> None:
+        """Suspend renewal: attempts that fall due wait for :meth:`thaw` (nothing is
+        attempted, nothing fails). The SVID in use is left alone, so it expires for real at
+        its NotAfter if the freeze lasts that long (the ``cert-expire`` drill)."""
+        if not self._frozen:
+            self._frozen = True
+            self._thawed = trio.Event()
+
+    def thaw(self) -> None:
+        """Resume renewal; an attempt that fell due while frozen is made at once."""
+        self._frozen = False
+        self._thawed.set()
 
     def statistics(self) -> RotatorStatistics:
         """Counters and the next planned attempt."""
         return RotatorStatistics(
-            self._renewals, self._failures, self._consecutive, self._next, self._last_error
+            self._renewals,
+            self._failures,
+            self._consecutive,
+            self._next,
+            self._last_error,
+            self._frozen,
         )
 
     async def run(
@@ -212,6 +238,8 @@ class SvidRotator:
                 # clipping lifetimes, a skewed clock) must not become a hot loop.
                 delay = max(delay, self._schedule.retry_initial.total_seconds())
             await trio.sleep(max(0.0, delay))
+            while self._frozen:
+                await self._thawed.wait()
             try:
                 new = await self._renew()
                 if new.spiffe_id != svid.spiffe_id:
@@ -236,6 +264,27 @@ class SvidRotator:
             self._consecutive = 0
             if self._on_renewed is not None:
                 self._on_renewed(new)
+
+
+def identity_lapsing(
+    stats: RotatorStatistics,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    now: dt.datetime,
+    *,
+    margin_fraction: float = 0.1,
+    min_margin: dt.timedelta = dt.timedelta(seconds=2),
+) -> bool:
+    """Whether a proxy should leave rotation (withdraw its endpoints): its SVID has expired,
+    or expires within the margin (``margin_fraction`` of the lifetime, at least
+    ``min_margin``) while renewal is frozen or failing, so nothing will replace it in time.
+    Peers would refuse its handshakes from NotAfter on; withdrawing first moves traffic
+    away without a failed request. False again once a renewal brings a fresh SVID."""
+    if now >= not_after:
+        return True
+    stalled = stats.frozen or stats.consecutive_failures > 0
+    margin = max(min_margin, (not_after - not_before) * margin_fraction)
+    return stalled and now >= not_after - margin
 
 
 # -- CA rotation (pure) ----------------------------------------------------------------------

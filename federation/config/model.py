@@ -292,6 +292,21 @@ class CircuitBreaking:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionPool:
+    """Callers' pooled HTTP/2 connections to this service's sidecars (HTTP ports only)."""
+
+    keepalive_interval: PositiveDuration | None = 5.0
+    """Send a PING on a pooled connection that received nothing for this long, so a peer
+    that vanished without a reset is noticed; null disables PINGs."""
+    keepalive_timeout: PositiveDuration = 3.0
+    """A PING unanswered this long: the connection is dead and leaves the pool; its requests
+    fail as resets and are retried elsewhere per ``retries.retry_on`` (idempotent only)."""
+    idle_timeout: PositiveDuration | None = 300.0
+    """Close (GOAWAY) a pooled connection that carried no request for this long; null keeps
+    idle connections open."""
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     """How callers talk to this service."""
 
@@ -303,6 +318,8 @@ class TrafficPolicy:
     """Passive health checking."""
     circuit_breaking: CircuitBreaking = CircuitBreaking()
     """Concurrency limits."""
+    connection_pool: ConnectionPool = ConnectionPool()
+    """Keepalive PINGs and idle close of pooled HTTP/2 connections."""
 
 
 @dataclass(frozen=True, slots=True)

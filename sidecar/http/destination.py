@@ -27,6 +27,7 @@ from sidecar.balancer import Balancer, Pick
 from sidecar.http.circuit import CircuitBreaker
 from sidecar.http.h2io import H2Stream
 from sidecar.http.headers import Header
+from sidecar.http.keepalive import KeepaliveConfig
 from sidecar.http.upstream import ConnectFailed, Dialed, H2Pool
 from sidecar.outbound import DialFailed, UpstreamPool
 from sidecar.routing import Candidate, RouteTable
@@ -46,11 +47,14 @@ class PoolDestination:
         subsets: dict[str, Subset],
         membership: SubsetMembership,
         breaker: CircuitBreaker,
+        keepalive: KeepaliveConfig | None = None,
     ) -> None:
         self.pool = pool
         self.subsets = subsets
         self.membership = membership
         self.breaker = breaker
+        self.keepalive = keepalive
+        """PING/idle settings of the pooled connections (``traffic_policy.connection_pool``)."""
         self.nursery: trio.Nursery | None = None
         """Where pooled connections run (the sidecar's connection nursery)."""
         self.h2: dict[Candidate, H2Pool] = {}
@@ -125,7 +129,9 @@ class PoolDestination:
                     raise ConnectFailed(exc.reason) from None
                 return Dialed(tls, self.pool.enforcer.track(peer))
 
-            pool = self.h2[cand] = H2Pool(cand.name, dial, self.nursery, breaker=self.breaker)
+            pool = self.h2[cand] = H2Pool(
+                cand.name, dial, self.nursery, breaker=self.breaker, keepalive=self.keepalive
+            )
         return await pool.open_stream(headers, end_stream=end_stream)
 
     def statistics(self) -> dict[str, dict[str, int]]:
@@ -138,5 +144,7 @@ class PoolDestination:
                 "dials": st.dials,
                 "dial_failures": st.dial_failures,
                 "streams": st.streams,
+                "dead": st.dead,
+                "idle_closed": st.idle_closed,
             }
         return out

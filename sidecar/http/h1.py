@@ -379,14 +379,22 @@ class H1ServerConnection(_H1Base):
         return self._conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
 
     def send_response(
-        self, status: int, headers: Sequence[Header], content_length: int | None = None
+        self,
+        status: int,
+        headers: Sequence[Header],
+        content_length: int | None = None,
+        *,
+        close: bool = False,
     ) -> bytes:
         """The response head; without ``content_length`` h11 chunks (HTTP/1.1 clients)
         or delimits by close (HTTP/1.0). Framing and hop-by-hop fields in ``headers``
-        are dropped."""
+        are dropped. ``close`` adds ``Connection: close`` (a draining server): the
+        exchange then ends the connection (:attr:`reusable` is False)."""
         out = _forwardable(headers)
         if content_length is not None:
             out.append((b"content-length", str(content_length).encode("ascii")))
+        if close:
+            out.append((b"connection", b"close"))
         # A reason phrase, though RFC 9112 lets it be empty: some clients' parsers
         # (nghttp2's h2load, older http-parser users) never report an empty one.
         return (

@@ -26,6 +26,27 @@ for the writer is bounded by the peer's windows too.
 A stream that breaks raises :class:`StreamReset` from whichever call notices it;
 ``refused`` says the peer never processed it (REFUSED_STREAM, or a stream above a
 GOAWAY's last id), which makes any request safe to retry.
+
+Connection lifetime (a timer task per connection, decisions in the pure
+:class:`~sidecar.http.keepalive.Keepalive`):
+
+* **keepalive** (``keepalive=``, pooled client connections): PING after
+  ``interval`` without receiving anything; unanswered within ``timeout`` the
+  connection is dead (``closed == "keepalive_timeout"``), its streams fail with a
+  non-refused :class:`StreamReset` (the request may have been processed: the retry
+  layer retries it as ``reset``, idempotent requests only), and the pool drops it;
+  no streams for ``idle_timeout``: GOAWAY ``NO_ERROR`` and close;
+* **graceful drain** (:meth:`H2Channel.drain`, server role, SIGTERM): RFC 9113
+  section 6.8's two steps, GOAWAY with last id 2^31-1 plus a PING, then (on the PING's
+  ACK, or after :data:`DRAIN_PING_TIMEOUT`) GOAWAY with the last stream id really
+  accepted; streams up to it finish, later ones are refused (REFUSED_STREAM), and the
+  connection closes when the last stream ends;
+* **a received GOAWAY NO_ERROR** keeps the connection open (h2 4.x would close its
+  state machine on any GOAWAY, so :class:`GracefulH2Connection` handles that one frame):
+  our streams up to its last id run to completion, later ones are reported
+  ``refused``, no new stream is opened, and the connection closes once idle. Any
+  other GOAWAY ends the connection: streams up to the last id are reset (they may
+  have been processed), later ones refused.
 """
 
 from __future__ import annotations
@@ -43,11 +64,20 @@ import h2.exceptions as h2x
 import trio
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from hyperframe.frame import Frame, GoAwayFrame
 
 from federation.h2guard import Close, H2Guard, H2Tuning, RejectStream, recommended_h2_config
 from sidecar.http.headers import Header
+from sidecar.http.keepalive import Action, Keepalive, KeepaliveConfig
 
-__all__ = ["H2Channel", "H2Stream", "StreamHandler", "StreamReset", "lone_errors"]
+__all__ = [
+    "GracefulH2Connection",
+    "H2Channel",
+    "H2Stream",
+    "StreamHandler",
+    "StreamReset",
+    "lone_errors",
+]
 
 log = logging.getLogger("meshfed.sidecar")
 
@@ -55,6 +85,38 @@ READ_SIZE: Final = 256 * 1024
 """Bytes per transport read: large reads mean fewer wake-ups (DESIGN "Performance")."""
 
 _STREAM_ERRORS: Final = (h2x.StreamClosedError, h2x.NoSuchStreamError, h2x.ProtocolError)
+
+MAX_STREAM_ID: Final = 2**31 - 1
+"""The first GOAWAY of a graceful drain carries this (RFC 9113 section 6.8)."""
+
+DRAIN_PING_TIMEOUT: Final = 1.0
+"""Drain: the final GOAWAY goes out after this even if the PING sent with the first one
+is never acknowledged."""
+
+
+class GracefulH2Connection(H2Connection):
+    """h2 that survives a graceful GOAWAY either way (h2 4.x closes on any GOAWAY).
+
+    The same approach as ``gateway/tunnel_protocol.py``'s connection (which the
+    sidecar may not import): a received ``NO_ERROR`` GOAWAY gives h2's event without
+    closing the state machine or dropping queued output; :meth:`send_goaway` writes a
+    GOAWAY frame without closing ours, so existing streams can still finish."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[ev.Event]]:
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = ev.ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    def send_goaway(self, last_stream_id: int) -> None:
+        """Queue GOAWAY ``NO_ERROR`` with ``last_stream_id``; the connection stays open."""
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        self._prepare_for_sending([frame])
 
 
 @contextlib.contextmanager
@@ -303,13 +365,15 @@ class H2Channel:
         on_stream: StreamHandler | None = None,
         tuning: H2Tuning | None = None,
         on_refused: Callable[[str], None] | None = None,
+        keepalive: KeepaliveConfig | None = None,
     ) -> None:
         if role == "server" and on_stream is None:
             raise ValueError("a server channel needs on_stream")
         self.transport = transport
         self.role = role
         self._tuning = tuning or recommended_h2_config(role)
-        self._conn: H2Connection = self._tuning.new_connection()
+        self._conn = GracefulH2Connection(config=self._tuning.configuration())
+        self._tuning.start(self._conn)
         self._guard = H2Guard(self._tuning.guard_limits, client_side=role == "client")
         self._on_stream = on_stream
         self._on_refused = on_refused
@@ -318,6 +382,18 @@ class H2Channel:
         self._send_lock = trio.Lock()
         self._window = trio.Event()
         self._goaway = False
+        """The peer sent GOAWAY: no new stream is opened (client) or accepted (server)."""
+        self._keepalive = (
+            Keepalive(keepalive, trio.current_time()) if keepalive is not None else None
+        )
+        self._ping_seq = 0
+        self._keepalive_ping: bytes | None = None
+        self._drain_ping: bytes | None = None
+        self._drain_ping_deadline = math.inf
+        self._last_accepted: int | None = None
+        """Drain: the last id of our final GOAWAY; later request streams are refused."""
+        self._timer_wake = trio.Event()
+        self._reader_scope = trio.CancelScope()
         self.closed: str | None = None
         """Why the connection ended (``eof``, ``broken``, a guard reason...), or None."""
         self.streams_opened = 0
@@ -334,13 +410,36 @@ class H2Channel:
         """Streams not yet finished."""
         return len(self._streams)
 
+    @property
+    def draining(self) -> bool:
+        """Either side sent GOAWAY: streams finish, no new ones."""
+        return self._goaway or self._drain_ping is not None
+
     def _forget(self, stream_id: int) -> None:
         if self._streams.pop(stream_id, None) is None:
             return
         if not self._streams:
             self.idle_since = trio.current_time()
+            if self._keepalive is not None:
+                self._keepalive.streams_changed(0, self.idle_since)
+                self._poke_timer()
+            self._maybe_finish_drain()
         if self.on_capacity is not None:
             self.on_capacity()
+
+    def _streams_opened(self) -> None:
+        if self._keepalive is not None and len(self._streams) == 1:
+            self._keepalive.streams_changed(1, trio.current_time())
+
+    def _poke_timer(self) -> None:
+        self._timer_wake.set()
+
+    def _end(self, reason: str) -> None:
+        """Stop the connection now: :meth:`run` resets what is left and closes."""
+        if self.closed is None:
+            self.closed = reason
+        self._reader_scope.cancel()
+        self._poke_timer()
 
     def _kick(self) -> None:
         self._want_write.set()
@@ -386,6 +485,7 @@ class H2Channel:
         self._conn.send_headers(sid, list(headers), end_stream=end_stream)
         stream._local_ended = end_stream
         self.streams_opened += 1
+        self._streams_opened()
         self._kick()
         return stream
 
@@ -397,10 +497,12 @@ class H2Channel:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
+                nursery.start_soon(self._timers)
                 self._kick()
                 task_status.started()
                 try:
-                    await self._reader(nursery)
+                    with self._reader_scope:
+                        await self._reader(nursery)
                 finally:
                     if self.closed is None:
                         self.closed = "eof"
@@ -447,6 +549,8 @@ class H2Channel:
                 self.closed = "eof"
                 return
             now = trio.current_time()
+            if self._keepalive is not None:
+                self._keepalive.received(now)
             verdict = self._guard.observe_bytes(data, now)
             if isinstance(verdict, Close):
                 self._close_for(verdict)
@@ -504,13 +608,19 @@ class H2Channel:
             assert sid is not None
             if sid in rejected:
                 return
-            if self.role != "server" or self._goaway:
+            refuse = self.role != "server" or self._goaway
+            if self._last_accepted is not None and sid > self._last_accepted:
+                refuse = True  # after our final GOAWAY: never processed, safe to retry
+            if refuse:
                 with contextlib.suppress(*_STREAM_ERRORS):
                     self._conn.reset_stream(sid, error_code=ErrorCodes.REFUSED_STREAM)
+                if self._on_refused is not None and self.draining:
+                    self._on_refused("draining")
                 return
             new = H2Stream(self, sid)
             self._streams[sid] = new
             self.streams_opened += 1
+            self._streams_opened()
             new._on_head(list(event.headers or []))
             nursery.start_soon(self._serve_stream, new)
             return
@@ -523,6 +633,8 @@ class H2Channel:
                 self._window_opened()
             elif isinstance(event, ev.ConnectionTerminated):
                 self._on_goaway(event)
+            elif isinstance(event, ev.PingAckReceived):
+                self._on_ping_ack(bytes(event.ping_data or b""))
             return
         if isinstance(event, ev.ResponseReceived | ev.TrailersReceived):
             if sid not in rejected:
@@ -544,14 +656,116 @@ class H2Channel:
             self._on_goaway(event)
 
     def _on_goaway(self, event: ev.ConnectionTerminated) -> None:
-        # h2 4.x closes its state machine on any GOAWAY, so streams below the last id
-        # cannot finish either; they are reported reset (not refused: they may have
-        # been processed), streams above it refused (never seen by the peer).
+        # last_stream_id counts streams *we* initiated (client: our requests; a server
+        # initiates none). Ours above it were never processed: refused, safe to retry
+        # anywhere. A graceful GOAWAY lets the others finish (GracefulH2Connection kept h2
+        # open); any other one ended h2's state machine, so they are reset (not
+        # refused: they may have been processed).
         self._goaway = True
-        last = event.last_stream_id if event.last_stream_id is not None else math.inf
+        graceful = event.error_code == ErrorCodes.NO_ERROR
+        last = event.last_stream_id if event.last_stream_id is not None else MAX_STREAM_ID
+        code = int(event.error_code or 0)
+        ours = 1 if self.role == "client" else 0
         for sid, stream in list(self._streams.items()):
-            stream._on_reset(StreamReset(int(event.error_code or 0), refused=sid > last))
-        self.closed = "peer_goaway"
+            if sid % 2 == ours and sid > last:
+                if graceful:
+                    with contextlib.suppress(*_STREAM_ERRORS):
+                        self._conn.reset_stream(sid, error_code=ErrorCodes.CANCEL)
+                stream._on_reset(
+                    StreamReset(ErrorCodes.REFUSED_STREAM, refused=True, detail="above GOAWAY")
+                )
+            elif not graceful:
+                stream._on_reset(StreamReset(code, detail="peer GOAWAY"))
+        if not graceful:
+            self._end("peer_goaway")
+        else:
+            self._maybe_finish_drain()
+        if self.on_capacity is not None:
+            self.on_capacity()  # a pool waiting for room must dial another connection
+
+    # -- keepalive, idle close, drain ------------------------------------------------
+
+    def _next_ping(self) -> bytes:
+        self._ping_seq += 1
+        payload = self._ping_seq.to_bytes(8, "big")
+        self._conn.ping(payload)
+        self._kick()
+        return payload
+
+    def _on_ping_ack(self, payload: bytes) -> None:
+        if payload == self._keepalive_ping and self._keepalive is not None:
+            self._keepalive_ping = None
+            self._keepalive.ping_acked(trio.current_time())
+        if payload == self._drain_ping and self._last_accepted is None:
+            self._final_goaway()
+        self._poke_timer()
+
+    def drain(self) -> None:
+        """Graceful shutdown (server role): GOAWAY 2^31-1 + PING now, the final GOAWAY
+        with the real last stream id once the PING comes back (or after
+        :data:`DRAIN_PING_TIMEOUT`), then close when the last stream ends. Streams in
+        flight run to completion; the runner's drain deadline bounds them."""
+        if self.closed is not None or self._drain_ping is not None:
+            return
+        if self.role != "server":
+            # A client has nothing in flight to wait for on the peer's side: GOAWAY and
+            # stop opening streams; live ones finish.
+            self._goaway = True
+            self._conn.send_goaway(0)
+            self._kick()
+            self._maybe_finish_drain()
+            return
+        self._conn.send_goaway(MAX_STREAM_ID)
+        self._drain_ping = self._next_ping()
+        self._drain_ping_deadline = trio.current_time() + DRAIN_PING_TIMEOUT
+        self._poke_timer()
+
+    def _final_goaway(self) -> None:
+        if self.closed is not None or self._last_accepted is not None:
+            return
+        self._last_accepted = self._conn.highest_inbound_stream_id or 0
+        self._conn.send_goaway(self._last_accepted)
+        self._kick()
+        self._maybe_finish_drain()
+
+    def _maybe_finish_drain(self) -> None:
+        if self.closed is not None or self._streams:
+            return
+        if self._last_accepted is not None:
+            self._end("drained")
+        elif self._goaway and self.role == "client":
+            self._end("peer_goaway")
+
+    async def _timers(self) -> None:
+        """Keepalive, idle close and the drain's PING deadline (one task, woken early
+        whenever a deadline may have moved earlier)."""
+        while self.closed is None:
+            deadline = self._drain_ping_deadline if self._last_accepted is None else math.inf
+            if self._keepalive is not None:
+                deadline = min(deadline, self._keepalive.next_deadline())
+            with trio.move_on_at(deadline):
+                await self._timer_wake.wait()
+            self._timer_wake = trio.Event()
+            now = trio.current_time()
+            if self._drain_ping is not None and now >= self._drain_ping_deadline:
+                self._final_goaway()
+            if self._keepalive is None or self.closed is not None:
+                continue
+            action = self._keepalive.poll(now)
+            if action is Action.PING:
+                self._keepalive_ping = self._next_ping()
+            elif action is Action.DEAD:
+                log.info(
+                    json.dumps(
+                        {"event": "http_connection_dead", "reason": action.value}, sort_keys=True
+                    )
+                )
+                self._fail_all(StreamReset(ErrorCodes.CANCEL, detail=action.value))
+                self._end(action.value)
+            elif action is Action.IDLE:
+                with contextlib.suppress(h2x.ProtocolError):
+                    self._conn.close_connection()
+                self._end(action.value)
 
     def _fail_all(self, error: StreamReset) -> None:
         for stream in list(self._streams.values()):

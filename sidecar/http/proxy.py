@@ -47,6 +47,7 @@ from sidecar.balancer import Pick
 from sidecar.http import faults, tracing
 from sidecar.http.accesslog import LOCAL_TIER, NO_RESPONSE, AccessRecord, HttpMetrics, format_line
 from sidecar.http.circuit import CircuitBreaker, Open
+from sidecar.http.drain import ServerDrain
 from sidecar.http.grpc import grpc_status, parse_status, retry_idempotent, retry_outcome
 from sidecar.http.h2io import H2Stream, StreamReset, lone_errors
 from sidecar.http.headers import Header, get_all
@@ -312,6 +313,8 @@ class HttpProxy:
         self.in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.drain_group = ServerDrain()
+        """The app connections served for this upstream (its listener's front end)."""
 
     # -- entry point -------------------------------------------------------------------
 
@@ -343,9 +346,16 @@ class HttpProxy:
                 self._idle.set()
             self._record(req, ex)
 
+    def drain(self) -> None:
+        """Graceful shutdown of the app connections (:class:`ServerDrain`)."""
+        self.drain_group.start()
+
     async def wait_idle(self) -> None:
-        """Return when no request is in flight (graceful drain)."""
+        """Return when no request is in flight and, once :meth:`drain` was called, every
+        app HTTP/2 connection has closed (graceful drain)."""
         await self._idle.wait()
+        if self.drain_group.draining:
+            await self.drain_group.wait_closed()
 
     async def _serve(self, req: ProxyRequest, sink: ResponseSink, ex: _Exchange) -> None:
         action = ex.action

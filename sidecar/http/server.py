@@ -16,7 +16,15 @@ authorization, rate limit), the caller sidecar's inner-mTLS connection carries H
 each stream is forwarded to the local app over HTTP/1.1 (keep-alive pool) or HTTP/2
 (h2c, pooled), as the service port's protocol says, with the app's response and
 trailers streamed back. This hop takes a child span of the caller's trace and writes
-its own access-log line with the same trace id.
+its own access-log line with the same trace id, and counts the request in the
+``meshfed_sidecar_http_inbound_*`` metrics (:class:`~sidecar.metrics.SidecarMetrics`).
+
+**Drain** (SIGTERM, :class:`~sidecar.http.drain.ServerDrain`): every server-side HTTP/2
+connection, inbound or app-facing, gets the graceful GOAWAY of
+:meth:`~sidecar.http.h2io.H2Channel.drain` (streams in flight finish, new ones are
+refused and retried elsewhere by the caller); an HTTP/1.1 app connection answers its
+current request with ``Connection: close`` and closes, and one idle between requests is
+closed at once.
 """
 
 from __future__ import annotations
@@ -28,9 +36,9 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import trio
 from h2.errors import ErrorCodes
@@ -38,6 +46,7 @@ from h2.errors import ErrorCodes
 from federation.h2guard import PREFACE
 from sidecar.http import tracing
 from sidecar.http.accesslog import NO_RESPONSE, AccessRecord, format_line
+from sidecar.http.drain import ServerDrain
 from sidecar.http.grpc import grpc_status, is_grpc
 from sidecar.http.h1 import (
     NEED_DATA,
@@ -66,6 +75,9 @@ from sidecar.http.headers import Header, get_all, strip_hop_by_hop
 from sidecar.http.paths import BadPath, RequestPath, normalize_path
 from sidecar.http.proxy import HttpProxy, ProxyRequest, RequestBody, SinkBroken, local_response
 from sidecar.http.upstream import ConnectFailed, Dialed, H1AppPool, H2Pool
+
+if TYPE_CHECKING:
+    from sidecar.metrics import SidecarMetrics
 
 __all__ = [
     "InboundHttp",
@@ -122,9 +134,15 @@ async def _sniff(stream: trio.abc.Stream) -> tuple[Literal["h1", "h2"], bytes]:
 
 
 async def serve_app_connection(
-    stream: trio.abc.Stream, proxy: HttpProxy, *, limits: H1Limits | None = None
+    stream: trio.abc.Stream,
+    proxy: HttpProxy,
+    *,
+    limits: H1Limits | None = None,
+    drain: ServerDrain | None = None,
 ) -> None:
-    """Serve one app connection on an HTTP upstream's listener until it closes."""
+    """Serve one app connection on an HTTP upstream's listener until it closes
+    (``drain``: the group that a graceful shutdown drains; default ``proxy.drain_group``)."""
+    drain = drain if drain is not None else proxy.drain_group
     try:
         with trio.fail_after(30):
             kind, first = await _sniff(stream)
@@ -135,9 +153,9 @@ async def serve_app_connection(
         await trio.aclose_forcefully(stream)
         return
     if kind == "h2":
-        await _serve_h2_app(PrefixedStream(stream, first), proxy)
+        await _serve_h2_app(PrefixedStream(stream, first), proxy, drain)
     else:
-        await _serve_h1_app(stream, first, proxy, limits)
+        await _serve_h1_app(stream, first, proxy, limits, drain)
 
 
 # -- HTTP/1.1 app ----------------------------------------------------------------------
@@ -146,9 +164,12 @@ async def serve_app_connection(
 class _H1Sink:
     """Response sink onto the app's HTTP/1.1 connection."""
 
-    def __init__(self, stream: trio.abc.Stream, conn: H1ServerConnection) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, conn: H1ServerConnection, drain: ServerDrain
+    ) -> None:
         self.stream = stream
         self.conn = conn
+        self.drain = drain
         self.aborted = False
         self.finished = False
 
@@ -168,7 +189,9 @@ class _H1Sink:
         length = int(lengths[0]) if len(lengths) == 1 and lengths[0].isdigit() else None
         if end_stream and length is None and status not in (204, 304) and status >= 200:
             length = 0
-        data = self.conn.send_response(status, fields, content_length=length)
+        data = self.conn.send_response(
+            status, fields, content_length=length, close=self.drain.draining
+        )
         if end_stream:
             data += self.conn.send_end()
             self.finished = True
@@ -243,24 +266,33 @@ class _H1Body:
 
 
 async def _serve_h1_app(
-    stream: trio.abc.Stream, first: bytes, proxy: HttpProxy, limits: H1Limits | None
+    stream: trio.abc.Stream,
+    first: bytes,
+    proxy: HttpProxy,
+    limits: H1Limits | None,
+    drain: ServerDrain,
 ) -> None:
     conn = H1ServerConnection(limits)
     conn.receive_data(first)
     reader = _H1Reader(stream, conn)
+    waiting: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     try:
         while True:
+            event: Event | None = None
             try:
-                event = await reader.next_event()
+                # Between requests (not the first: its bytes are here) a drain closes
+                # the idle connection; a request already started is answered in full.
+                with waiting:
+                    event = await reader.next_event()
             except Refusal as refusal:
                 _log_refusal(proxy, refusal, "HTTP/1.1")
                 with contextlib.suppress(*_WRITE_ERRORS):
                     await stream.send_all(refusal_response(refusal))
                 return
             if not isinstance(event, RequestHead):
-                return  # ConnectionClosed
+                return  # ConnectionClosed, or drained while idle
             head = event
-            sink = _H1Sink(stream, conn)
+            sink = _H1Sink(stream, conn, drain)
             source = _H1Body(reader, head, sink)
             body = RequestBody(
                 None if source.done else source.receive, trailers=source.get_trailers
@@ -279,6 +311,8 @@ async def _serve_h1_app(
             # mid-message: close rather than guess where the next request starts.
             if sink.aborted or not sink.finished or not head.keep_alive or not source.done:
                 return
+            if drain.draining:
+                return  # answered with Connection: close (or drained since): done
             while not conn.reusable:  # h11 still holds the empty body's end
                 ev = conn.next_event()
                 if ev is NEED_DATA and not reader.eof:
@@ -288,6 +322,7 @@ async def _serve_h1_app(
             if not conn.reusable:
                 return
             conn.start_next_cycle()
+            waiting = drain.idle()
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -367,7 +402,7 @@ def _h2_body(stream: H2Stream) -> RequestBody:
     return RequestBody(receive, trailers=lambda: stream.trailers)
 
 
-async def _serve_h2_app(stream: trio.abc.Stream, proxy: HttpProxy) -> None:
+async def _serve_h2_app(stream: trio.abc.Stream, proxy: HttpProxy, drain: ServerDrain) -> None:
     async def on_stream(s: H2Stream) -> None:
         head = s.head or []
         try:
@@ -390,7 +425,9 @@ async def _serve_h2_app(stream: trio.abc.Stream, proxy: HttpProxy) -> None:
         )
         await proxy.handle(req, _H2Sink(s))
 
-    await H2Channel(stream, "server", on_stream=on_stream).run()
+    channel = H2Channel(stream, "server", on_stream=on_stream)
+    with drain.track(channel):
+        await channel.run()
 
 
 # -- inbound ---------------------------------------------------------------------------
@@ -432,12 +469,21 @@ class InboundHttp:
         local_workload: str,
         connect_timeout: float = 1.0,
         rng: random.Random | None = None,
+        metrics: SidecarMetrics | None = None,
+        services: Iterable[str] = (),
     ) -> None:
         self.local_cluster = local_cluster
         self.local_workload = local_workload
         self.connect_timeout = connect_timeout
         self.rng = rng if rng is not None else random.Random()
+        self.metrics = metrics
+        """Where requests are counted (``meshfed_sidecar_http_inbound_*``); None: not."""
+        if metrics is not None:
+            for service in services:
+                metrics.http_inbound_active.labels(service)  # a 0 series from the start
         self.stats = InboundStatistics()
+        self.drain_group = ServerDrain()
+        """Every caller connection, drained on SIGTERM (:meth:`drain`)."""
         self.in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -458,17 +504,33 @@ class InboundHttp:
             self.in_flight += 1
             if self.in_flight == 1:
                 self._idle = trio.Event()
+            active = (
+                self.metrics.http_inbound_active.labels(target.service)
+                if self.metrics is not None
+                else None
+            )
+            if active is not None:
+                active.inc()
             try:
                 await self._forward(s, target, source_cluster)
             finally:
+                if active is not None:
+                    active.dec()
                 self.in_flight -= 1
                 if self.in_flight == 0:
                     self._idle.set()
 
+        channel = H2Channel(transport, "server", on_stream=on_stream)
         try:
-            await H2Channel(transport, "server", on_stream=on_stream).run()
+            with self.drain_group.track(channel):
+                await channel.run()
         finally:
             self.stats.active_connections -= 1
+
+    def drain(self) -> None:
+        """Graceful GOAWAY on every caller connection (SIGTERM): requests in flight
+        finish, new ones are refused so that callers retry them on another endpoint."""
+        self.drain_group.start()
 
     async def _forward(self, s: H2Stream, target: InboundTarget, source_cluster: str) -> None:
         head = s.head or []
@@ -537,6 +599,14 @@ class InboundHttp:
             response_bytes=sent[0],
             response_flags=tuple(flags),
         )
+        if self.metrics is not None:
+            self.metrics.http_inbound_observe(
+                source_cluster=source_cluster,
+                destination_cluster=self.local_cluster,
+                destination_service=target.service,
+                code=record.code,
+                duration=record.duration,
+            )
         log.info(format_line(record))
 
     # -- to an HTTP/1.1 app ------------------------------------------------------------
@@ -665,8 +735,11 @@ class InboundHttp:
         return resp, up.trailers
 
     async def wait_idle(self) -> None:
-        """Return when no request is in flight (graceful drain)."""
+        """Return when no request is in flight and, once :meth:`drain` was called, every
+        caller connection has closed (graceful drain)."""
         await self._idle.wait()
+        if self.drain_group.draining:
+            await self.drain_group.wait_closed()
 
     async def aclose(self) -> None:
         """Close pooled app connections."""
@@ -765,10 +838,12 @@ async def serve_http_listener(
     port: int,
     handler_nursery: trio.Nursery,
     *,
+    drain: ServerDrain | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The listener of an HTTP upstream (as ``serve_outbound``; connections run in
-    ``handler_nursery`` so closing the listener leaves live requests alone)."""
+    ``handler_nursery`` so closing the listener leaves live requests alone; ``drain``
+    drains them on SIGTERM)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
 
@@ -776,7 +851,7 @@ async def serve_http_listener(
         with contextlib.suppress(OSError):
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            await serve_app_connection(stream, proxy)
+            await serve_app_connection(stream, proxy, drain=drain)
         except Exception as exc:
             # Handlers run in the sidecar's connection nursery: an escaped bug would
             # stop every connection. Log it and drop this one.

@@ -11,6 +11,14 @@ costs one handshake, not N. Requests that arrive while a dial is in flight wait 
 dial fails them all with the same :class:`ConnectFailed`, rather than each of them
 dialling a dead endpoint again.
 
+Each pooled connection runs the keepalive of :mod:`sidecar.http.keepalive` (when the
+pool is given a :class:`~sidecar.http.keepalive.KeepaliveConfig`): a connection whose
+PING goes unanswered is dead and leaves the pool at once, its requests fail as resets
+(retried elsewhere by the retry layer, idempotent requests only); one without streams
+for ``idle_timeout`` is closed with GOAWAY ``NO_ERROR``. A connection that received a
+GOAWAY takes no new stream (its requests above the GOAWAY's last id fail as refused,
+which any request may retry), so the next request dials a new one.
+
 :class:`H1AppPool` keeps idle keep-alive connections to a local HTTP/1.1 app; an idle
 connection the app has closed is noticed (EOF peek) and dropped before reuse.
 """
@@ -31,6 +39,7 @@ from sidecar.http.circuit import CircuitBreaker, Open
 from sidecar.http.h1 import H1ClientConnection, H1Limits
 from sidecar.http.h2io import H2Channel, H2Stream
 from sidecar.http.headers import Header
+from sidecar.http.keepalive import KeepaliveConfig
 
 __all__ = [
     "ConnectFailed",
@@ -87,6 +96,10 @@ class H2PoolStatistics:
     """Failed dials so far."""
     streams: int
     """Streams opened so far."""
+    dead: int = 0
+    """Connections dropped because a keepalive PING went unanswered."""
+    idle_closed: int = 0
+    """Connections closed after ``idle_timeout`` without streams."""
 
 
 class H2Pool:
@@ -103,11 +116,16 @@ class H2Pool:
         nursery: trio.Nursery,
         *,
         breaker: CircuitBreaker | None = None,
+        keepalive: KeepaliveConfig | None = None,
     ) -> None:
         self.name = name
         self._dial = dial
         self._nursery = nursery
         self._breaker = breaker
+        self.keepalive = keepalive
+        """PING/idle settings of every connection (None: neither)."""
+        self.dead = 0
+        self.idle_closed = 0
         self.channels: list[H2Channel] = []
         self._dialing: trio.Event | None = None
         self._dial_error: ConnectFailed | None = None
@@ -205,7 +223,7 @@ class H2Pool:
                 if self._breaker is not None:
                     self._breaker.release_connection()
                 return
-            channel = H2Channel(dialed.stream, "client")
+            channel = H2Channel(dialed.stream, "client", keepalive=self.keepalive)
             channel.on_capacity = self._notify
             self.channels.append(channel)
             await self._nursery.start(self._run, channel, dialed.scope)
@@ -226,17 +244,13 @@ class H2Pool:
         finally:
             with contextlib.suppress(ValueError):
                 self.channels.remove(channel)
+            if channel.closed == "keepalive_timeout":
+                self.dead += 1
+            elif channel.closed == "idle_timeout":
+                self.idle_closed += 1
             if self._breaker is not None:
                 self._breaker.release_connection()
             self._notify()
-
-    async def close_idle(self, idle_for: float) -> int:
-        """Close connections without streams for ``idle_for`` seconds; returns how many."""
-        now = trio.current_time()
-        idle = [c for c in self.channels if not c.active_streams and now - c.idle_since >= idle_for]
-        for ch in idle:
-            await ch.aclose()
-        return len(idle)
 
     async def aclose(self) -> None:
         """Close every connection (live streams are reset)."""
@@ -246,12 +260,20 @@ class H2Pool:
         self._notify()
 
     def statistics(self) -> H2PoolStatistics:
-        return H2PoolStatistics(len(self.channels), self.dials, self.dial_failures, self.streams)
+        return H2PoolStatistics(
+            len(self.channels),
+            self.dials,
+            self.dial_failures,
+            self.streams,
+            dead=self.dead,
+            idle_closed=self.idle_closed,
+        )
 
     def __repr__(self) -> str:
         return (
             f"<H2Pool {self.name} connections={len(self.channels)} dials={self.dials} "
-            f"failures={self.dial_failures} streams={self.streams}>"
+            f"failures={self.dial_failures} streams={self.streams} dead={self.dead} "
+            f"idle_closed={self.idle_closed}>"
         )
 
 

@@ -163,8 +163,8 @@ LIBRARY = sorted(p.stem for p in DRILLS.glob("*.yaml"))
 #: Drills expected to fail today, and why (see chaos/reports/<drill>/ and the issue note).
 EXPECTED_TO_FAIL = {
     "failover-disabled": "negative control: must fail",
-    "ca-rotation": "drop step refused: old-CA SVIDs live 1h (svid_ttl); a short TTL makes the"
-    " agent's CaDirectory.record_issued overwrite the rotation state (see the drill's notes)",
+    "ca-rotation": "the agent never updates its own TLS bundle, so after the switch it refuses"
+    " renewals with new-CA SVIDs and gcp-euw1 leaves rotation (see the drill's notes)",
 }
 
 

@@ -309,3 +309,26 @@ def test_rejects_bad_arguments() -> None:
         trio.run(lambda: relay(*memory_stream_pair(), chunk_size=0))
     with pytest.raises(ValueError):
         trio.run(lambda: relay(*memory_stream_pair(), idle_timeout=0))
+
+
+async def test_write_blocked_by_a_peer_that_does_not_read_counts_as_idle(
+    autojump_clock: MockClock,
+) -> None:
+    """The idle deadline is exact: ``idle_timeout`` after the last byte moved (the read at
+    t=2), even though a write is still waiting for the peer to read."""
+    client, a = memory_stream_pair()
+    b, server = lockstep_stream_pair()  # send_all waits until the peer reads
+    results: list[RelayResult] = []
+
+    async def run() -> None:
+        results.append(await relay(a, b, idle_timeout=5.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await trio.sleep(2)
+        await client.send_all(b"stuck")
+    assert results[0].reason is RelayEnd.IDLE_TIMEOUT
+    assert results[0].duration == 7.0
+    assert (results[0].bytes_a_to_b, results[0].bytes_b_to_a) == (0, 0)
+    assert await client.receive_some() == b""  # closed at the end
+    await server.aclose()

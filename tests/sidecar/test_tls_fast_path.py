@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from sidecarkit import Mesh, Ports, make_config
 
-from sidecar.relay import ReceiveIntoStream, RelayEnd, relay
+from sidecar.relay import ReceiveIntoStream, RelayEnd, RelayResult, RelayStats, relay
 from sidecar.tlshalfclose import HalfCloseTls, fast_path_supported
 from trust.tls import TlsContextHolder
 
@@ -227,3 +227,109 @@ async def test_send_eof_keeps_records_already_received_but_unread(
     assert await x.receive_some(10) == b""  # y's close_notify arrived
     await x.aclose()
     await y.aclose()
+
+
+async def _loopback_tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A connected 127.0.0.1 TCP pair (client, server); the listener is bound before the
+    connect starts."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def accept() -> None:
+                accepted.append(await listener.accept())
+
+            nursery.start_soon(accept)
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+    finally:
+        await listener.aclose()
+    return client, accepted[0]
+
+
+@pytest.mark.parametrize("first", ["app", "server"])
+async def test_relay_pair_over_loopback_tcp_delivers_odd_sizes_and_half_closes_in_order(
+    holders: tuple[TlsContextHolder, TlsContextHolder], first: str
+) -> None:
+    """app -TCP-> relay -TLS over TCP-> relay -TCP-> server, the sidecar pair's shape on
+    the relay's syscall path: one side sends an odd-sized payload and half-closes, the
+    other reads it to EOF and only then answers and closes. Byte-exact both ways, both
+    relays end EOF_BOTH, and every counter says exactly what moved."""
+    sizes = {"app": 2_345_679, "server": 1_234_567}  # not multiples of a record or chunk
+    data = {name: os.urandom(size) for name, size in sizes.items()}
+    app_side, relay_a = await _loopback_tcp_pair()
+    relay_b, server_side = await _loopback_tcp_pair()
+    tls_out, tls_in = await _tls_pair(holders, *await _loopback_tcp_pair())
+    assert tls_out.fast and tls_in.fast
+    stats = RelayStats()
+    results: dict[str, RelayResult] = {}
+    received: dict[str, bytes] = {}
+    order: list[str] = []
+
+    async def run_relay(name: str, a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+        results[name] = await relay(a, b, idle_timeout=30.0, stats=stats)
+
+    async def endpoint(stream: trio.SocketStream, name: str) -> None:
+        if name != first:
+            received[name] = await _read_to_eof(stream)
+            order.append(f"{name} saw EOF")
+        await stream.send_all(data[name])
+        await stream.send_eof()
+        order.append(f"{name} sent EOF")
+        if name == first:
+            received[name] = await _read_to_eof(stream)
+            order.append(f"{name} saw EOF")
+        await stream.aclose()
+
+    async def _read_to_eof(stream: trio.SocketStream) -> bytes:
+        out = bytearray()
+        while chunk := await stream.receive_some(1 << 16):
+            out += chunk
+        return bytes(out)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay, "out", relay_a, tls_out)
+            nursery.start_soon(run_relay, "in", tls_in, relay_b)
+            nursery.start_soon(endpoint, app_side, "app")
+            nursery.start_soon(endpoint, server_side, "server")
+    second = "server" if first == "app" else "app"
+    assert order == [
+        f"{first} sent EOF",
+        f"{second} saw EOF",
+        f"{second} sent EOF",
+        f"{first} saw EOF",
+    ]
+    assert received["server"] == data["app"]
+    assert received["app"] == data["server"]
+    for name in ("out", "in"):
+        assert results[name].reason is RelayEnd.EOF_BOTH
+        assert results[name].bytes_a_to_b == sizes["app"]
+        assert results[name].bytes_b_to_a == sizes["server"]
+    snap = stats.statistics()
+    assert (snap.bytes_a_to_b, snap.bytes_b_to_a) == (2 * sizes["app"], 2 * sizes["server"])
+    assert (snap.relays_started, snap.relays_active, snap.ended_eof_both) == (2, 0, 2)
+
+
+async def test_relay_with_ready_sockets_sees_cancellation_after_one_chunk() -> None:
+    """The syscall path waits only on a socket that is not ready, so the relay loop must
+    checkpoint once per chunk: a relay cancelled (revocation, drain) while its source
+    holds a backlog and its destination has room stops after one chunk instead of
+    copying the whole backlog first, closes both sides and counts as cancelled."""
+    chunk = 4096
+    app_side, relay_a = (trio.SocketStream(s) for s in trio.socket.socketpair())
+    relay_b, server_side = (trio.SocketStream(s) for s in trio.socket.socketpair())
+    await app_side.send_all(os.urandom(10 * chunk))  # the backlog: ten chunks, all ready
+    stats = RelayStats()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await relay(relay_a, relay_b, chunk_size=chunk, stats=stats)
+    assert scope.cancelled_caught
+    snap = stats.statistics()
+    assert (snap.relays_active, snap.ended_cancelled) == (0, 1)
+    assert 0 < snap.bytes_a_to_b <= chunk
+    with pytest.raises(trio.ClosedResourceError):
+        await relay_a.send_all(b"x")  # the relay closed its sides
+    await app_side.aclose()
+    await server_side.aclose()

@@ -224,10 +224,18 @@ class H1Client:
             await self.stream.aclose()
 
 
+ARRIVALS: list[tuple[str, str]] = []
+"""(app name, request target) of every request a ``web_app`` received, in order."""
+
+SLOW_SECONDS = 2.0
+"""How long a ``web_app`` takes to answer a target starting with ``/slow``."""
+
+
 async def web_app(
     name: str, port: int, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """HTTP/1.1 app: answers ``name``, the traceparent it got, and the body's length and sha256."""
+    """HTTP/1.1 app: answers ``name``, the traceparent it got, and the body's length and sha256
+    (targets under ``/slow`` after :data:`SLOW_SECONDS`)."""
 
     async def handler(stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -245,12 +253,15 @@ async def web_app(
                         return
                     if isinstance(ev, h11.Request):
                         req = ev
+                        ARRIVALS.append((name, ev.target.decode()))
                     elif isinstance(ev, h11.Data):
                         sha.update(ev.data)
                         size += len(ev.data)
                     elif isinstance(ev, h11.EndOfMessage):
                         break
                 assert req is not None
+                if req.target.startswith(b"/slow"):
+                    await trio.sleep(SLOW_SECONDS)
                 tp = dict(req.headers).get(b"traceparent", b"").decode()
                 lines = [f"served_by={name}", f"traceparent={tp}", f"len={size}"]
                 body = ("\n".join([*lines, f"sha256={sha.hexdigest()}"]) + "\n").encode()

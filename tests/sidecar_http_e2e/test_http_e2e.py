@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 import trio
-from httpkit import H1Client, http_get, parse_answer, running
+from httpkit import ARRIVALS, H1Client, http_get, parse_answer, running
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 
@@ -240,3 +241,41 @@ async def test_zone_sidecar_killed_under_steady_requests_zero_errors(tmp_path: P
         pre = served[:before]
         assert pre.count("web-z1") >= 0.9 * len(pre), pre
         assert served[-50:] == ["web-z2"] * 50
+
+
+async def test_sigterm_drains_a_serving_sidecar_gracefully(tmp_path: Path) -> None:
+    """SIGTERM web-z1's sidecar during a long request: that request completes (its
+    stream was accepted before the GOAWAY), and requests sent once it is draining are
+    all answered by web-z2 (the client's pool stops using the GOAWAYed connection, the
+    redial is refused, the retry goes to the next endpoint): no client-visible error."""
+    async with running(tmp_path, ("client", "web-z1", "web-z2")) as p:
+        c = H1Client(p.ports.web_listen)
+        status, _, body = await c.request("GET", "/warm")
+        assert status == 200 and parse_answer(body)["served_by"] == "web-z1"
+        slow: list[tuple[int, str]] = []
+
+        async def long_request() -> None:
+            c2 = H1Client(p.ports.web_listen)
+            s, _, b = await c2.request("GET", "/slow/1")
+            slow.append((s, parse_answer(b).get("served_by", "")))
+            await c2.aclose()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(long_request)
+            with trio.fail_after(30):
+                while ("web-z1", "/slow/1") not in ARRIVALS:
+                    await trio.sleep(0.02)
+            p.procs["web-z1"].send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                while (await http_get(p.ports.admin["web-z1"], "/ready"))[0] == 200:
+                    await trio.sleep(0.02)
+            after = []
+            for i in range(20):
+                status, _, body = await c.request("GET", f"/after/{i}")
+                after.append((status, parse_answer(body).get("served_by", "")))
+        assert slow == [(200, "web-z1")]
+        assert after == [(200, "web-z2")] * 20
+        assert not [t for name, t in ARRIVALS if name == "web-z1" and t.startswith("/after")]
+        await c.aclose()
+        rc = await trio.to_thread.run_sync(p.procs["web-z1"].wait, 30)
+        assert rc == 0
