@@ -46,6 +46,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import Frame, GoAwayFrame
 
 # Frame types and flags (RFC 9113 section 6).
 _DATA: Final = 0x0
@@ -673,6 +674,7 @@ __all__ = [
     "Allow",
     "Close",
     "CloseReason",
+    "GracefulH2Connection",
     "H2Guard",
     "H2GuardLimits",
     "H2GuardStatistics",
@@ -683,3 +685,28 @@ __all__ = [
     "Verdict",
     "recommended_h2_config",
 ]
+
+
+class GracefulH2Connection(H2Connection):
+    """h2 that survives a graceful GOAWAY either way (h2 4.x closes on any GOAWAY).
+
+    Shared by the sidecar's HTTP/2 layer and the gateway's tunnels: a received
+    ``NO_ERROR`` GOAWAY gives h2's event without closing the state machine or dropping
+    output queued earlier in the batch (SETTINGS/PING ACKs); :meth:`send_goaway` writes
+    a GOAWAY frame without closing ours, so existing streams can still finish."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[ev.Event]]:
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = ev.ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    def send_goaway(self, last_stream_id: int) -> None:
+        """Queue GOAWAY ``NO_ERROR`` with ``last_stream_id``; the connection stays open."""
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = ErrorCodes.NO_ERROR
+        self._prepare_for_sending([frame])

@@ -46,16 +46,16 @@ import collections
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import h2.events as ev
 import h2.exceptions as h2x
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from federation.h2guard import (
     Close,
+    GracefulH2Connection,
     H2Guard,
     H2GuardLimits,
     H2Tuning,
@@ -207,24 +207,6 @@ TunnelEvent = (
 )
 
 
-# -- h2 with a graceful GOAWAY ---------------------------------------------------------------
-
-
-class _DrainableH2(H2Connection):
-    """h2 connection that survives a graceful (NO_ERROR) GOAWAY from the peer."""
-
-    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[ev.Event]]:
-        if frame.error_code != ErrorCodes.NO_ERROR:
-            return super()._receive_goaway_frame(frame)
-        # Same event h2 would give, without closing the state machine or dropping
-        # output queued earlier in this batch (SETTINGS/PING ACKs).
-        event = ev.ConnectionTerminated()
-        event.error_code = ErrorCodes.NO_ERROR
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-
 def _status_of(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int, str]:
     status, reason = 0, ""
     for name, value in headers:
@@ -259,7 +241,7 @@ class TunnelProtocol:
         self.role = role
         self.send_quantum = send_quantum
         self._tuning = tuning or recommended_h2_config(role)
-        self._h2 = _DrainableH2(config=self._tuning.configuration())
+        self._h2 = GracefulH2Connection(config=self._tuning.configuration())
         self._tuning.start(self._h2)
         self._guard = H2Guard(
             guard_limits or self._tuning.guard_limits, client_side=role == "client"

@@ -62,16 +62,20 @@ from typing import Final, Literal
 import h2.events as ev
 import h2.exceptions as h2x
 import trio
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from hyperframe.frame import Frame, GoAwayFrame
 
-from federation.h2guard import Close, H2Guard, H2Tuning, RejectStream, recommended_h2_config
+from federation.h2guard import (
+    Close,
+    GracefulH2Connection,
+    H2Guard,
+    H2Tuning,
+    RejectStream,
+    recommended_h2_config,
+)
 from sidecar.http.headers import Header
 from sidecar.http.keepalive import Action, Keepalive, KeepaliveConfig
 
 __all__ = [
-    "GracefulH2Connection",
     "H2Channel",
     "H2Stream",
     "StreamHandler",
@@ -92,31 +96,6 @@ MAX_STREAM_ID: Final = 2**31 - 1
 DRAIN_PING_TIMEOUT: Final = 1.0
 """Drain: the final GOAWAY goes out after this even if the PING sent with the first one
 is never acknowledged."""
-
-
-class GracefulH2Connection(H2Connection):
-    """h2 that survives a graceful GOAWAY either way (h2 4.x closes on any GOAWAY).
-
-    The same approach as ``gateway/tunnel_protocol.py``'s connection (which the
-    sidecar may not import): a received ``NO_ERROR`` GOAWAY gives h2's event without
-    closing the state machine or dropping queued output; :meth:`send_goaway` writes a
-    GOAWAY frame without closing ours, so existing streams can still finish."""
-
-    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[ev.Event]]:
-        if frame.error_code != ErrorCodes.NO_ERROR:
-            return super()._receive_goaway_frame(frame)
-        event = ev.ConnectionTerminated()
-        event.error_code = ErrorCodes.NO_ERROR
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-    def send_goaway(self, last_stream_id: int) -> None:
-        """Queue GOAWAY ``NO_ERROR`` with ``last_stream_id``; the connection stays open."""
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last_stream_id
-        frame.error_code = ErrorCodes.NO_ERROR
-        self._prepare_for_sending([frame])
 
 
 @contextlib.contextmanager

@@ -17,7 +17,8 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame
 from test_http_pipeline import FakeUpstreams, Sink, make_proxy, request, respond, service
 
-from sidecar.http.h2io import MAX_STREAM_ID, GracefulH2Connection, H2Channel, H2Stream, StreamReset
+from federation.h2guard import GracefulH2Connection
+from sidecar.http.h2io import MAX_STREAM_ID, H2Channel, H2Stream, StreamReset
 from sidecar.http.keepalive import KeepaliveConfig
 from sidecar.http.server import serve_app_connection
 from sidecar.http.upstream import Dialed, H2Pool
