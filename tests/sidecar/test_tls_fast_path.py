@@ -15,6 +15,7 @@ from sidecarkit import Mesh, Ports, make_config
 
 from sidecar.relay import ReceiveIntoStream, RelayEnd, RelayResult, RelayStats, relay
 from sidecar.tlshalfclose import HalfCloseTls, fast_path_supported
+from tests.relay.support import tcp_pair
 from trust.tls import TlsContextHolder
 
 Pair = tuple[HalfCloseTls[trio.abc.Stream], HalfCloseTls[trio.abc.Stream]]
@@ -229,25 +230,6 @@ async def test_send_eof_keeps_records_already_received_but_unread(
     await y.aclose()
 
 
-async def _loopback_tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    """A connected 127.0.0.1 TCP pair (client, server); the listener is bound before the
-    connect starts."""
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    accepted: list[trio.SocketStream] = []
-    try:
-        async with trio.open_nursery() as nursery:
-
-            async def accept() -> None:
-                accepted.append(await listener.accept())
-
-            nursery.start_soon(accept)
-            client = await trio.open_tcp_stream("127.0.0.1", port)
-    finally:
-        await listener.aclose()
-    return client, accepted[0]
-
-
 @pytest.mark.parametrize("first", ["app", "server"])
 async def test_relay_pair_over_loopback_tcp_delivers_odd_sizes_and_half_closes_in_order(
     holders: tuple[TlsContextHolder, TlsContextHolder], first: str
@@ -258,9 +240,9 @@ async def test_relay_pair_over_loopback_tcp_delivers_odd_sizes_and_half_closes_i
     relays end EOF_BOTH, and every counter says exactly what moved."""
     sizes = {"app": 2_345_679, "server": 1_234_567}  # not multiples of a record or chunk
     data = {name: os.urandom(size) for name, size in sizes.items()}
-    app_side, relay_a = await _loopback_tcp_pair()
-    relay_b, server_side = await _loopback_tcp_pair()
-    tls_out, tls_in = await _tls_pair(holders, *await _loopback_tcp_pair())
+    app_side, relay_a = await tcp_pair()
+    relay_b, server_side = await tcp_pair()
+    tls_out, tls_in = await _tls_pair(holders, *await tcp_pair())
     assert tls_out.fast and tls_in.fast
     stats = RelayStats()
     results: dict[str, RelayResult] = {}
