@@ -135,7 +135,8 @@ class PoolDestination:
         return await pool.open_stream(headers, end_stream=end_stream)
 
     def statistics(self) -> dict[str, dict[str, int]]:
-        """Per candidate: connections, dials (handshakes), dial failures, streams."""
+        """Per candidate: connections, dials (handshakes), dial failures, streams, and the
+        connections lost to keepalive, closed idle, or draining after a GOAWAY."""
         out = {}
         for cand, pool in self.h2.items():
             st = pool.statistics()
@@ -146,5 +147,6 @@ class PoolDestination:
                 "streams": st.streams,
                 "dead": st.dead,
                 "idle_closed": st.idle_closed,
+                "draining": st.draining,
             }
         return out

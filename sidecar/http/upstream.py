@@ -100,6 +100,8 @@ class H2PoolStatistics:
     """Connections dropped because a keepalive PING went unanswered."""
     idle_closed: int = 0
     """Connections closed after ``idle_timeout`` without streams."""
+    draining: int = 0
+    """Open connections that take no new stream (a GOAWAY went either way)."""
 
 
 class H2Pool:
@@ -267,6 +269,7 @@ class H2Pool:
             self.streams,
             dead=self.dead,
             idle_closed=self.idle_closed,
+            draining=sum(1 for ch in self.channels if ch.draining),
         )
 
     def __repr__(self) -> str:

@@ -44,7 +44,11 @@ def test_shorten_scales_times_and_rates_but_not_budgets() -> None:
     assert short.traffic_end == drill.traffic_end / 2
     assert [e.at for e in short.timeline] == [e.at / 2 for e in drill.timeline]
     assert short.timeline[2].params.interval == 3.0
-    assert [(p.start, p.end) for p in short.phases] == [(2.0, 5.0), (5.0, 14.0), (14.0, 20.0)]
+    # No restoring fault in this drill: every phase boundary is halved.
+    assert len(short.phases) == len(drill.phases) >= 3
+    assert [(p.start, p.end) for p in short.phases] == [
+        (p.start / 2, p.end / 2) for p in drill.phases
+    ]
     assert short.traffic[0].rate == 25.0
     assert short.budgets == drill.budgets
 

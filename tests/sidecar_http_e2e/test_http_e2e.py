@@ -243,6 +243,19 @@ async def test_zone_sidecar_killed_under_steady_requests_zero_errors(tmp_path: P
         assert served[-50:] == ["web-z2"] * 50
 
 
+def _pool_draining(answer: tuple[int, bytes]) -> bool:
+    """Whether no connection of the client's HTTP/2 pool to web-z1 takes new streams
+    (each saw the GOAWAY, or is gone)."""
+    status, body = answer
+    if status != 200:
+        return False
+    for upstream in json.loads(body)["upstreams"].values():
+        pool = upstream.get("http", {}).get("pools", {}).get("web-z1")
+        if pool is not None:
+            return bool(pool["draining"] == pool["connections"])
+    return False
+
+
 async def test_sigterm_drains_a_serving_sidecar_gracefully(tmp_path: Path) -> None:
     """SIGTERM web-z1's sidecar during a long request: that request completes (its
     stream was accepted before the GOAWAY), and requests sent once it is draining are
@@ -268,6 +281,14 @@ async def test_sigterm_drains_a_serving_sidecar_gracefully(tmp_path: Path) -> No
             p.procs["web-z1"].send_signal(signal.SIGTERM)
             with trio.fail_after(30):
                 while (await http_get(p.ports.admin["web-z1"], "/ready"))[0] == 200:
+                    await trio.sleep(0.02)
+            # "Once it is draining" from the caller's side: /ready turns 503 a moment
+            # before the GOAWAY reaches the client sidecar, and a stream opened in
+            # between is (rightly) still served by web-z1. Wait for the client's pool to
+            # have seen the GOAWAY on every connection to web-z1 (web-z1's listener closed
+            # before it sent the GOAWAY, so the redial is refused).
+            with trio.fail_after(30):
+                while not _pool_draining(await http_get(p.ports.admin["client"], "/stats")):
                     await trio.sleep(0.02)
             after = []
             for i in range(20):
