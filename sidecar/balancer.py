@@ -85,6 +85,10 @@ def _validate_factor_and_threshold(overprovisioning_factor: float, panic_thresho
         raise ValueError(f"panic threshold must be in [0, 100], got {panic_threshold}")
 
 
+_SHARE_EPSILON: Final = 1e-9
+"""Percent: shares closer than this to the remainder are the remainder."""
+
+
 def tier_shares(
     tiers_health: Sequence[TierHealth],
     overprovisioning_factor: float = DEFAULT_OVERPROVISIONING_FACTOR,
@@ -110,9 +114,13 @@ def tier_shares(
     shares = []
     remaining = 100.0
     for score in scores:
-        share = min(remaining, score * 100.0 / normalized)
+        share = score * 100.0 / normalized
+        # A share within rounding of what is left takes all of it: otherwise a float
+        # residue (1e-15 %) spills to a farther tier that should get nothing.
+        if share >= remaining - _SHARE_EPSILON:
+            share = remaining
         shares.append(share)
-        remaining = max(0.0, remaining - share)
+        remaining -= share
     return shares
 
 

@@ -7,7 +7,7 @@ import random
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.balancer import (
@@ -178,6 +178,8 @@ def test_no_load_on_a_dead_tier_while_another_has_healthy_capacity(
 
 @settings(max_examples=300, deadline=None)
 @given(tier_healths())
+# Found by CI: 70 % + 29.999...96 % left a 3.6e-15 % residue for the last tier.
+@example([TierHealth(1, 2), TierHealth(3, 14), TierHealth(0, 0), TierHealth(1, 1)])
 def test_a_tier_gets_nothing_once_nearer_tiers_absorb_everything(
     health: list[TierHealth],
 ) -> None:
